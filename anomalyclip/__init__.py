@@ -1,0 +1,41 @@
+"""AnomalyCLIP: zero-shot anomaly detection and segmentation with CLIP and learned prompts.
+
+Quick start::
+
+    from anomalyclip import AnomalyCLIP
+    model = AnomalyCLIP.from_pretrained()      # official prompts (trained on VisA)
+    result = model.predict("image.png")        # result.score, result.anomaly_map
+"""
+
+__version__ = "0.1.0"
+
+from .config import AnomalyCLIPConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    AnomalyCLIPError,
+    BackboneError,
+    CheckpointError,
+    DatasetError,
+    ImageLoadError,
+    InvalidInputError,
+    WeightsNotFoundError,
+)
+from .model import AnomalyCLIP  # noqa: E402
+from .outputs import AnomalyOutput, AnomalyResult  # noqa: E402
+from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "AnomalyCLIP",
+    "AnomalyCLIPConfig",
+    "AnomalyOutput",
+    "AnomalyResult",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "AnomalyCLIPError",
+    "BackboneError",
+    "CheckpointError",
+    "DatasetError",
+    "ImageLoadError",
+    "InvalidInputError",
+    "WeightsNotFoundError",
+]

@@ -1,0 +1,143 @@
+"""Building and checking the frozen open_clip backbone.
+
+A backbone reference is an open_clip model name with a schema: ``hf-hub:org/repo`` (config and
+weights from the Hugging Face Hub, cached) or ``local-dir:/path`` (a folder in open_clip's Hub
+layout: ``open_clip_config.json`` and ``open_clip_model.safetensors``). The model must be a CLIP
+of the ViT family with a standard text tower (OpenAI-style CLIP and its open_clip relatives).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BackboneError, WeightsNotFoundError
+from .hub import hub_download
+
+__all__ = ["load_clip", "check_clip", "uses_quick_gelu", "clip_summary"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def uses_quick_gelu(clip: nn.Module) -> bool:
+    """Whether the vision MLPs of an open_clip CLIP use QuickGELU (``x * sigmoid(1.702 x)``)."""
+    act = clip.visual.transformer.resblocks[0].mlp.gelu
+    return type(act).__name__ == "QuickGELU"
+
+
+def _read_open_clip_config(reference: str, cache_dir: str | os.PathLike | None) -> dict:
+    """Fetch ``open_clip_config.json`` for a schema reference, mapping failures to our errors."""
+    if reference.startswith("local-dir:"):
+        folder = Path(reference[len("local-dir:") :]).expanduser()
+        config_path = folder / "open_clip_config.json"
+        if not folder.is_dir():
+            raise BackboneError(f"Backbone folder not found: '{folder}' (from '{reference}').")
+        if not config_path.is_file():
+            raise BackboneError(
+                f"'{folder}' has no open_clip_config.json; a 'local-dir:' backbone needs open_clip's Hub "
+                "layout (open_clip_config.json + open_clip_model.safetensors)."
+            )
+        weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt")]
+        if not weights:
+            raise WeightsNotFoundError(f"Backbone folder '{folder}' has a config but no weights file.")
+    else:
+        repo_id = reference[len("hf-hub:") :]
+        config_path = hub_download(repo_id, "open_clip_config.json", cache_dir=cache_dir, what="backbone config")
+    try:
+        return json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BackboneError(f"Cannot parse the open_clip config of '{reference}': {exc}") from exc
+
+
+def load_clip(
+    reference: str,
+    *,
+    quick_gelu: bool | None = None,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Build a frozen open_clip CLIP with its pretrained weights, in float32 and ``eval()`` mode.
+
+    Args:
+        reference: ``hf-hub:org/repo`` or ``local-dir:/path``.
+        quick_gelu: force the MLP activation (True: QuickGELU, False: GELU); None keeps what the
+            backbone's own config says. Saved models always record it.
+        device: where to put the weights.
+        cache_dir: Hugging Face cache directory for ``hf-hub:`` downloads.
+
+    Raises:
+        BackboneError: unknown schema, missing folder, or a model this library cannot run.
+        WeightsNotFoundError: the weights are not cached and cannot be downloaded.
+    """
+    import open_clip
+
+    if not isinstance(reference, str) or not reference.startswith(_SCHEMAS):
+        raise BackboneError(
+            f"Unknown backbone reference {reference!r}. Use 'hf-hub:org/repo' (e.g. "
+            "'hf-hub:timm/vit_large_patch14_clip_336.openai') or 'local-dir:/path/to/open_clip_folder'."
+        )
+    model_cfg = _read_open_clip_config(reference, cache_dir).get("model_cfg", {})
+    if "timm_model_name" in model_cfg.get("vision_cfg", {}) or "hf_model_name" in model_cfg.get("text_cfg", {}):
+        raise BackboneError(
+            f"Backbone '{reference}' uses a timm vision tower or a Hugging Face text tower; AnomalyCLIP "
+            "needs an open_clip CLIP of the ViT family with its native text transformer."
+        )
+    kwargs = {} if quick_gelu is None else {"quick_gelu": bool(quick_gelu)}
+    try:
+        clip = open_clip.create_model(
+            reference, device=device, precision="fp32", require_pretrained=True, cache_dir=cache_dir, **kwargs
+        )
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise WeightsNotFoundError(
+            f"Cannot load the weights of backbone '{reference}': {exc}. With no network, download the "
+            "backbone once elsewhere into the Hugging Face cache or use a 'local-dir:' copy."
+        ) from exc
+    check_clip(clip, reference)
+    clip.eval()
+    clip.requires_grad_(False)
+    logger.info("Loaded backbone %s (%s)", reference, clip_summary(clip))
+    return clip
+
+
+def check_clip(clip: nn.Module, reference: str = "backbone") -> None:
+    """Raise :class:`BackboneError` unless ``clip`` is an open_clip ViT CLIP this library can run."""
+    from open_clip.model import CLIP
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    def fail(why: str) -> None:
+        raise BackboneError(f"Unsupported backbone '{reference}': {why}. Use an OpenAI-style ViT CLIP.")
+
+    if not isinstance(clip, CLIP):
+        fail(f"expected an open_clip CLIP with the native text tower, got {type(clip).__name__}")
+    visual = clip.visual
+    if not isinstance(visual, VisionTransformer):
+        fail(f"the vision tower is {type(visual).__name__}, not a VisionTransformer")
+    if visual.attn_pool is not None or visual.proj is None:
+        fail("attention pooling or a missing projection")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        fail(f"vision pooling '{visual.pool_type}' (class-token pooling required)")
+    for tower, blocks in (("vision", visual.transformer.resblocks), ("text", clip.transformer.resblocks)):
+        for block in blocks:
+            if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
+                fail(f"{tower} blocks of type {type(block).__name__} (standard residual attention blocks required)")
+    if clip.text_pool_type != "argmax":
+        fail(f"text pooling '{clip.text_pool_type}' (argmax / EOT pooling required)")
+    if clip.token_embedding.num_embeddings != 49408:
+        fail("a tokenizer other than CLIP's 49408-token BPE")
+
+
+def clip_summary(clip: nn.Module) -> str:
+    """A one-line description: depth, widths, patch size, activation."""
+    v = clip.visual
+    return (
+        f"vision {len(v.transformer.resblocks)} blocks x {v.transformer.width}, patch {v.patch_size[0]}, "
+        f"text {len(clip.transformer.resblocks)} blocks x {clip.transformer.width}, "
+        f"embed {v.output_dim}, {'QuickGELU' if uses_quick_gelu(clip) else 'GELU'}"
+    )

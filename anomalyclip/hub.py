@@ -1,0 +1,93 @@
+"""Hugging Face Hub access: download single files and turn Hub failures into clear errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from . import __version__
+from .errors import WeightsNotFoundError
+
+__all__ = ["is_repo_id", "hub_download", "is_offline"]
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_NAME = "anomalyclip"
+
+
+def is_offline() -> bool:
+    """True when Hub access is disabled (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` looks like a Hub repo id (``org/name``) rather than a local path."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def hub_download(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    what: str = "file",
+) -> Path:
+    """Download (or find in the cache) one file of a Hub model repo and return its local path.
+
+    Raises:
+        WeightsNotFoundError: the file is not cached and cannot be downloaded (offline, no network,
+            unknown repo or file, gated repo), with a message saying how to proceed.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"'{filename}' of Hub repo '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
+    try:
+        path = hf_hub_download(
+            repo_id=repo_id,
+            filename=filename,
+            revision=revision,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            library_name=LIBRARY_NAME,
+            library_version=__version__,
+        )
+    except GatedRepoError as exc:
+        raise WeightsNotFoundError(
+            f"Cannot download {where} ({what}): the repo is gated. Accept its terms on huggingface.co "
+            "and log in (`hf auth login`)."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise WeightsNotFoundError(
+            f"Cannot download {where} ({what}): no such repo on the Hub, or it is private. Check the "
+            "name, log in for private repos, or pass a local directory instead."
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise WeightsNotFoundError(f"Cannot download {where} ({what}): no such revision.") from exc
+    except LocalEntryNotFoundError as exc:
+        hint = (
+            "HF_HUB_OFFLINE=1 is set and the file is not in the local Hugging Face cache"
+            if is_offline()
+            else "the Hub cannot be reached and the file is not in the local Hugging Face cache"
+        )
+        raise WeightsNotFoundError(
+            f"Cannot load {where} ({what}): {hint}. Download it once with network access "
+            f"(`hf download {repo_id}`), point `cache_dir`/HF_HUB_CACHE at a cache that has it, "
+            "or pass a local directory."
+        ) from exc
+    except EntryNotFoundError as exc:
+        raise WeightsNotFoundError(f"Cannot download {where} ({what}): the repo has no such file.") from exc
+    except (OSError, ValueError) as exc:  # network errors, bad cache contents, invalid repo ids
+        raise WeightsNotFoundError(f"Cannot load {where} ({what}): {exc}") from exc
+    logger.debug("Resolved %s to %s", where, path)
+    return Path(path)

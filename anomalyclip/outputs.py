@@ -1,0 +1,79 @@
+"""Result types: the tensor output of ``model(pixel_values)`` and the friendly ``predict`` result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["AnomalyOutput", "AnomalyResult"]
+
+
+@dataclass
+class AnomalyOutput:
+    """Output of :meth:`AnomalyCLIP.forward`, on the model's device, at the processing size S.
+
+    Attributes:
+        scores: ``[B]`` float32 image anomaly scores (anomalous-class probability, in [0, 1]).
+        anomaly_maps: ``[B, S, S]`` float32 final maps: the sum over output layers of the
+            per-layer anomalous probability, Gaussian-blurred (values in [0, n_layers]).
+        raw_anomaly_maps: ``[B, S, S]`` the same before the blur.
+        image_features: ``[B, D]`` L2-normalized global features.
+        patch_features: output layer -> ``[B, N, D]`` projected tokens (class token first, not
+            normalized).
+    """
+
+    scores: torch.Tensor
+    anomaly_maps: torch.Tensor
+    raw_anomaly_maps: torch.Tensor
+    image_features: torch.Tensor
+    patch_features: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class AnomalyResult:
+    """The anomaly score and map of one image, at the image's original size.
+
+    Attributes:
+        score: image anomaly score in [0, 1] (higher is more anomalous).
+        anomaly_map: float32 ``[H, W]`` pixel anomaly map at the input's original size.
+        image_threshold: the threshold ``label`` was computed with, if any.
+        pixel_threshold: the threshold ``mask`` was computed with, if any.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.anomaly_map.ndim != 2:
+            raise ValueError(f"anomaly_map: expected shape [H, W], got {tuple(self.anomaly_map.shape)}")
+
+    @property
+    def label(self) -> int | None:
+        """1 (anomalous) if ``score > image_threshold``, else 0; None without a threshold."""
+        if self.image_threshold is None:
+            return None
+        return int(self.score > self.image_threshold)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """Boolean ``[H, W]``: ``anomaly_map > pixel_threshold``; None without a threshold."""
+        if self.pixel_threshold is None:
+            return None
+        return self.anomaly_map > self.pixel_threshold
+
+    # anomalib-style aliases, familiar to many anomaly-detection users.
+    @property
+    def pred_score(self) -> float:
+        return self.score
+
+    @property
+    def pred_label(self) -> int | None:
+        return self.label
+
+    @property
+    def pred_mask(self) -> np.ndarray | None:
+        return self.mask

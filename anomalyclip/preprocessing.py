@@ -1,0 +1,257 @@
+"""Image and mask loading and preprocessing, exactly as the official AnomalyCLIP release does it.
+
+Images: PIL bicubic resize to ``(S, S)`` (the aspect ratio is NOT kept), then RGB, then
+``[0, 1]`` floats normalized with CLIP's mean and std. Masks: binarized, PIL bilinear resize to
+``(S, S)``, then thresholded at 0.5.
+
+Accepted image inputs (:data:`ImageInput`): a file path, a PIL image, a numpy array (``HxW``,
+``HxWx1``, ``HxWx3`` or ``HxWx4``; ``uint8`` in ``[0, 255]`` or float in ``[0, 1]``) or a torch
+tensor (``CHW`` with C in 1, 3, 4, or ``HW``; same dtypes and ranges). 8-bit inputs go through
+PIL exactly as the official pipeline does; float inputs are resized per channel with PIL's
+32-bit float bicubic filter, so they are not quantized to 8 bits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageLoadError, InvalidInputError
+
+__all__ = [
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "ImageInput",
+    "PreparedImage",
+    "load_image",
+    "prepare_image",
+    "preprocess_image",
+    "preprocess_images",
+    "load_mask",
+    "preprocess_mask",
+]
+
+OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+# PIL modes that the official pipeline handles meaningfully with ``resize`` + ``convert("RGB")``.
+_SUPPORTED_PIL_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa")
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An input image brought to one of two canonical forms, before resizing.
+
+    Exactly one of ``pil`` (an 8-bit PIL image, handled like the official pipeline) and
+    ``array`` (float32 ``HxWxC`` with C in 1, 3 or 4, values in ``[0, 1]``) is set.
+    """
+
+    pil: Image.Image | None
+    array: np.ndarray | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Original ``(height, width)`` in pixels."""
+        if self.pil is not None:
+            return (self.pil.height, self.pil.width)
+        assert self.array is not None
+        return (int(self.array.shape[0]), int(self.array.shape[1]))
+
+
+def _describe(image: object) -> str:
+    return f"{type(image).__module__}.{type(image).__qualname__}"
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and decode an image file; raise :class:`ImageLoadError` naming the file on failure."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(f"Image file not found: '{path}'. Check the path.")
+    if path.is_dir():
+        raise ImageLoadError(f"'{path}' is a directory, not an image file.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(
+            f"Cannot read image '{path}': {exc}. The file may be truncated or not an image "
+            "format Pillow can decode (PNG, JPEG, BMP, TIFF, ...)."
+        ) from exc
+
+
+def _check_pil_mode(img: Image.Image, origin: str) -> Image.Image:
+    if img.mode not in _SUPPORTED_PIL_MODES:
+        raise InvalidInputError(
+            f"Unsupported PIL image mode '{img.mode}' ({origin}). Supported: 8-bit modes "
+            f"{', '.join(_SUPPORTED_PIL_MODES)}. Convert 16-bit or float images to a float numpy "
+            "array scaled to [0, 1] (e.g. np.asarray(img, np.float32) / 65535) and pass that."
+        )
+    return img
+
+
+def _array_to_prepared(arr: np.ndarray, origin: str) -> PreparedImage:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InvalidInputError(
+            f"Expected an image array of shape HxW, HxWx1, HxWx3 or HxWx4 ({origin}), got shape "
+            f"{tuple(arr.shape)}."
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InvalidInputError(f"Image has zero size {tuple(arr.shape[:2])} ({origin}).")
+    if arr.dtype == np.uint8:
+        channels = arr.shape[2]
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+        data = arr[:, :, 0] if channels == 1 else arr
+        return PreparedImage(pil=Image.fromarray(np.ascontiguousarray(data), mode=mode), array=None)
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all():
+            raise InvalidInputError(f"Image contains NaN or infinite values ({origin}).")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidInputError(
+                f"Float images must have values in [0, 1] ({origin}); got range [{lo:.4g}, {hi:.4g}]. "
+                "Divide 8-bit data by 255 (or pass it as uint8)."
+            )
+        return PreparedImage(pil=None, array=arr)
+    if arr.dtype == bool:
+        return _array_to_prepared(arr.astype(np.uint8) * 255, origin)
+    raise InvalidInputError(
+        f"Unsupported image dtype {arr.dtype} ({origin}). Pass uint8 in [0, 255] or float in [0, 1]; "
+        "scale other integer types to float, e.g. arr.astype(np.float32) / 65535 for 16-bit."
+    )
+
+
+def prepare_image(image: ImageInput) -> PreparedImage:
+    """Bring any supported image input to a :class:`PreparedImage` (validated, not resized).
+
+    Raises:
+        ImageLoadError: a path that is missing or cannot be decoded.
+        InvalidInputError: an unsupported type, mode, shape, dtype, range or non-finite values.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        img = load_image(image)
+        return PreparedImage(pil=_check_pil_mode(img, f"file '{image}'"), array=None)
+    if isinstance(image, Image.Image):
+        return PreparedImage(pil=_check_pil_mode(image, "PIL image"), array=None)
+    if isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.ndim == 3:
+            if t.shape[0] not in (1, 3, 4):
+                raise InvalidInputError(
+                    f"Expected a CHW image tensor with 1, 3 or 4 channels, got shape {tuple(t.shape)}. "
+                    "For HWC data use a numpy array; for a batch pass a list of tensors."
+                )
+            t = t.permute(1, 2, 0)
+        elif t.ndim != 2:
+            raise InvalidInputError(
+                f"Expected a CHW (or HW) image tensor, got shape {tuple(t.shape)}. "
+                "For a batch pass a list of CHW tensors, or use model.preprocess / model(...) directly."
+            )
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        return _array_to_prepared(t.cpu().numpy(), "tensor")
+    if isinstance(image, np.ndarray):
+        return _array_to_prepared(image, "numpy array")
+    raise InvalidInputError(
+        f"Unsupported image type {_describe(image)}. Pass a file path, a PIL image, a numpy array "
+        "(HxW[xC]) or a CHW torch tensor."
+    )
+
+
+def _resize_float_channels(arr: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic-resize float ``HxWxC`` to ``size x size`` per channel with PIL's 'F' mode."""
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(arr[:, :, c]), mode="F").resize((size, size), Image.BICUBIC))
+        for c in range(arr.shape[2])
+    ]
+    return np.stack(channels, axis=2)
+
+
+def _to_rgb_float(prepared: PreparedImage, size: int) -> np.ndarray:
+    """Resize to ``(size, size)`` and convert to RGB; returns float32 ``SxSx3`` in ``[0, 1]``."""
+    if prepared.pil is not None:
+        resized = prepared.pil.resize((size, size), Image.BICUBIC).convert("RGB")
+        return np.asarray(resized, dtype=np.float32) / 255.0
+    arr = prepared.array
+    assert arr is not None
+    if arr.shape[2] == 4:
+        # PIL resizes RGBA with premultiplied alpha; do the same so float and 8-bit inputs agree.
+        alpha = arr[:, :, 3:4]
+        premult = np.concatenate([arr[:, :, :3] * alpha, alpha], axis=2)
+        out = _resize_float_channels(premult, size)
+        a = out[:, :, 3:4]
+        rgb = np.where(a > 0, out[:, :, :3] / np.where(a > 0, a, 1.0), 0.0)
+    else:
+        rgb = _resize_float_channels(arr, size)
+        if rgb.shape[2] == 1:
+            rgb = np.repeat(rgb, 3, axis=2)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def preprocess_image(
+    image: ImageInput | PreparedImage,
+    size: int,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> torch.Tensor:
+    """Preprocess one image to a normalized float32 tensor of shape ``[3, size, size]``."""
+    prepared = image if isinstance(image, PreparedImage) else prepare_image(image)
+    rgb = torch.from_numpy(np.ascontiguousarray(_to_rgb_float(prepared, size))).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (rgb - mean_t) / std_t
+
+
+def preprocess_images(
+    images: Sequence[ImageInput | PreparedImage],
+    size: int,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> torch.Tensor:
+    """Preprocess a non-empty sequence of images to a float32 tensor ``[B, 3, size, size]``."""
+    if len(images) == 0:
+        raise InvalidInputError("Got an empty list of images; pass at least one image.")
+    return torch.stack([preprocess_image(img, size, mean, std) for img in images])
+
+
+def load_mask(path: str | os.PathLike) -> Image.Image:
+    """Open a ground-truth mask file (any mode); raise :class:`ImageLoadError` naming it on failure."""
+    return load_image(path)
+
+
+def preprocess_mask(mask: str | os.PathLike | Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """Preprocess a ground-truth mask as the official evaluation does.
+
+    Any non-zero pixel is anomalous. The binary mask is scaled to 255 as an 8-bit 'L' image,
+    PIL-resized to ``(size, size)`` with bilinear filtering, scaled to ``[0, 1]`` and thresholded
+    at 0.5.
+
+    Returns:
+        float32 tensor ``[size, size]`` with values in {0, 1}.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        mask = load_mask(mask)
+    if isinstance(mask, Image.Image):
+        binary = np.asarray(mask.convert("L")) > 0
+    elif isinstance(mask, np.ndarray):
+        if mask.ndim == 3:
+            mask = mask.max(axis=2)
+        if mask.ndim != 2:
+            raise InvalidInputError(f"Expected a mask of shape HxW, got {tuple(mask.shape)}.")
+        binary = mask > 0
+    else:
+        raise InvalidInputError(f"Unsupported mask type {_describe(mask)}; pass a path, PIL image or numpy array.")
+    img = Image.fromarray(binary.astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
+    scaled = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    return (scaled > 0.5).to(torch.float32)

@@ -499,6 +499,16 @@ class AnomalyCLIP(nn.Module):
                     )
         return results[0] if single else results
 
+    def finetune(self, data: Any, **kwargs: Any) -> Any:
+        """Learn new prompts on auxiliary data with the paper's glocal training, in place.
+
+        A thin entry point to :func:`anomalyclip.training.finetune` (see it for the options:
+        epochs, batch size, learning rate, feature cache, checkpoints, resume).
+        """
+        from .training import finetune
+
+        return finetune(self, data, **kwargs)
+
     def extra_repr(self) -> str:
         c = self.config
         return (

@@ -220,6 +220,7 @@ class AnomalyCLIP(nn.Module):
         path: str | os.PathLike,
         *,
         clip: str | nn.Module = DEFAULT_BACKBONE,
+        backbone: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         image_size: int | None = None,
@@ -229,13 +230,15 @@ class AnomalyCLIP(nn.Module):
         """Load an official AnomalyCLIP ``.pth`` (``{"prompt_learner": ...}``), validated against ``clip``.
 
         ``clip`` is a backbone reference (default: the paper's ViT-L/14@336 on the Hub) or an
-        open_clip model already built. The checkpoint is read with ``weights_only=True``.
+        open_clip model already built; with a built model, ``backbone`` is the reference to record
+        in the config so that a saved copy can be reloaded. The checkpoint is read with
+        ``weights_only=True``.
         """
         state = load_official_state_dict(path)
         if isinstance(clip, str):
             backbone, clip_model = clip, load_clip(clip, quick_gelu=True, cache_dir=cache_dir)
         else:
-            backbone, clip_model = "custom", clip
+            backbone, clip_model = backbone or "custom", clip
         check_clip(clip_model, backbone)
         tensors = convert_official_state_dict(state, clip_model, source=str(path))
         n_ctx = tensors["ctx_normal"].shape[0]
@@ -281,6 +284,12 @@ class AnomalyCLIP(nn.Module):
         Each file is written to a temporary name and renamed, so an interrupted save never leaves a
         half-written model. Returns the directory.
         """
+        if not self.config.backbone.startswith(("hf-hub:", "local-dir:")):
+            logger.warning(
+                "Saving a model whose backbone is recorded as %r: set model.config.backbone to the 'hf-hub:' or "
+                "'local-dir:' reference of its CLIP, or from_pretrained cannot rebuild it.",
+                self.config.backbone,
+            )
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.prompts.state_dict().items()}

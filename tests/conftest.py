@@ -58,7 +58,7 @@ def golden_model(tiny_clip):
     """
     from anomalyclip import AnomalyCLIP
 
-    return AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, device="cpu")
+    return AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, backbone=TINY_CLIP_REF, device="cpu")
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def fresh_model(tiny_clip):
     """A private model with the golden prompts, free to modify."""
     from anomalyclip import AnomalyCLIP
 
-    return AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, device="cpu")
+    return AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, backbone=TINY_CLIP_REF, device="cpu")
 
 
 def _put_in_hf_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> str:

@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     InvalidInputError,
     WeightsNotFoundError,
 )
+from .evaluation import evaluate  # noqa: E402
 from .model import AnomalyCLIP  # noqa: E402
 from .outputs import AnomalyOutput, AnomalyResult  # noqa: E402
 from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "AnomalyCLIP",
     "AnomalyCLIPConfig",
+    "evaluate",
     "AnomalyOutput",
     "AnomalyResult",
     "PRESETS",

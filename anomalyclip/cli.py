@@ -1,0 +1,278 @@
+"""The ``anomalyclip`` command line: predict, evaluate, finetune, convert, fetch.
+
+Run ``anomalyclip COMMAND --help`` for the options of each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import AnomalyCLIPError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("anomalyclip.cli")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+FORMATS = ("mvtec", "visa", "meta", "folder")
+
+
+def _add_model_options(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        required=required,
+        help="model directory, Hub repo id or preset (default: official-visa, the official prompts trained on VisA)",
+    )
+    p.add_argument("--device", default=None, help="cuda, cpu, mps (default: best available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="compute dtype (default float32)")
+    p.add_argument("--image-size", type=int, default=None, help="processing size S (default: the model's, 518)")
+    p.add_argument("--feature-layers", type=int, nargs="+", default=None, help="output layers, e.g. 6 12 18 24")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomalyclip",
+        description="AnomalyCLIP: zero-shot anomaly detection and segmentation with CLIP.",
+    )
+    parser.add_argument("--version", action="version", version=f"anomalyclip {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="score images and write heat-map overlays")
+    p.add_argument("inputs", nargs="+", help="image files or directories (searched recursively)")
+    _add_model_options(p)
+    p.add_argument("--out", default="anomalyclip-out", help="output directory (default: anomalyclip-out)")
+    p.add_argument("--threshold", type=float, default=None, help="image-score threshold: adds a label column")
+    p.add_argument("--pixel-threshold", type=float, default=None, help="map threshold: outlines the mask on overlays")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in the overlays")
+    p.set_defaults(handler=_predict)
+
+    p = sub.add_parser("evaluate", help="metrics on a benchmark data set, as the paper reports them")
+    _add_model_options(p)
+    p.add_argument("--data", required=True, help="data set root")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="directory for metrics.json and metrics.csv")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
+    p.set_defaults(handler=_evaluate)
+
+    p = sub.add_parser("finetune", help="learn prompts on auxiliary data (the paper's glocal training)")
+    p.add_argument("--data", required=True, help="auxiliary data set root")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output directory (a checkpoint per epoch, last/ loadable)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--clip", default=None, help="start from fresh prompts on this open_clip backbone (paper setting)")
+    start.add_argument("--model", default=None, help="continue from existing prompts (directory, Hub id or preset)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=None, help="training size S (default 518)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--feature-layers", type=int, nargs="+", default=None)
+    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--feature-cache", default="memory", choices=("memory", "disk", "none"))
+    p.add_argument("--cache-dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--resume", default=None, help="resume from a checkpoint directory of an earlier run")
+    p.add_argument("--device", default=None)
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
+    p.set_defaults(handler=_finetune)
+
+    p = sub.add_parser("convert", help="convert an official AnomalyCLIP .pth to the save_pretrained format")
+    p.add_argument("checkpoint", help="official checkpoint, e.g. epoch_15.pth")
+    p.add_argument("out_dir", help="output directory (config.json + model.safetensors)")
+    p.add_argument("--clip", default=None, help="backbone the prompts were trained on (default: ViT-L/14@336)")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(handler=_convert)
+
+    p = sub.add_parser("fetch", help="download (or install from a local file) an official preset checkpoint")
+    p.add_argument("preset", help="official-visa or official-mvtec")
+    p.add_argument("--file", default=None, help="install this local copy instead of downloading")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(handler=_fetch)
+    return parser
+
+
+# ----------------------------------------------------------------------------- helpers
+def _load_model(args: argparse.Namespace):
+    from .model import AnomalyCLIP
+
+    return AnomalyCLIP.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        image_size=args.image_size,
+        feature_layers=args.feature_layers,
+        cache_dir=args.cache_dir,
+    )
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Files as given, and image files found recursively in directories (sorted)."""
+    from .errors import InvalidInputError
+
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise InvalidInputError(f"No such file or directory: '{path}'.")
+    if not found:
+        raise InvalidInputError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    return found
+
+
+def _overlay_names(paths: Sequence[Path]) -> list[str]:
+    """Overlay file names: ``<stem>_overlay.png``, prefixed by the image's index where stems repeat."""
+    stems = [p.stem for p in paths]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    return [f"{i:05d}_{s}_overlay.png" if s in repeated else f"{s}_overlay.png" for i, s in enumerate(stems)]
+
+
+def _write_text(path: Path, text: str) -> None:
+    from .runtime import atomic_write
+
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+# ----------------------------------------------------------------------------- commands
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .visualize import save_overlay
+
+    images = collect_images(args.inputs)
+    model = _load_model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vmax = float(len(model.config.feature_layers))
+    rows = []
+    names = _overlay_names(images)
+    with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
+        for start in range(0, len(images), args.batch_size):
+            chunk = images[start : start + args.batch_size]
+            results = model.predict(
+                chunk, batch_size=args.batch_size, image_threshold=args.threshold, pixel_threshold=args.pixel_threshold
+            )
+            for path, name, result in zip(chunk, names[start : start + len(chunk)], results):
+                save_overlay(out / name, path, result.anomaly_map, alpha=args.alpha, vmin=0.0, vmax=vmax, mask=result.mask)
+                row = {"image": str(path), "score": round(result.score, 6), "overlay": name}
+                if args.threshold is not None:
+                    row["label"] = result.label
+                rows.append(row)
+            bar.update(len(chunk))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(out / "scores.csv", buffer.getvalue())
+    _write_text(out / "scores.json", json.dumps(rows, indent=2) + "\n")
+    logger.info("Wrote %d overlays, scores.csv and scores.json to %s", len(rows), out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .datasets import load_dataset
+    from .evaluation import evaluate, format_table, write_reports
+
+    dataset = load_dataset(args.data, args.format)
+    if args.classes:
+        dataset = dataset.subset(args.classes)
+    model = _load_model(args)
+    report = evaluate(model, dataset, batch_size=args.batch_size)
+    write_reports(report, args.out)
+    print(format_table(report))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .datasets import load_dataset
+    from .model import AnomalyCLIP
+
+    dataset = load_dataset(args.data, args.format)
+    if args.model is not None:
+        model = AnomalyCLIP.from_pretrained(
+            args.model,
+            device=args.device,
+            image_size=args.image_size,
+            feature_layers=args.feature_layers,
+            cache_dir=args.cache_dir,
+        )
+    else:
+        from .config import DEFAULT_BACKBONE
+
+        model = AnomalyCLIP.from_backbone(
+            args.clip or DEFAULT_BACKBONE,
+            device=args.device,
+            image_size=args.image_size,
+            feature_layers=args.feature_layers,
+            cache_dir=args.cache_dir,
+            seed=args.seed,
+        )
+    model.finetune(
+        dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        output_dir=args.out,
+        resume_from=args.resume,
+        feature_cache=None if args.feature_cache == "none" else args.feature_cache,
+        cache_dtype=args.cache_dtype,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .config import DEFAULT_BACKBONE
+    from .model import AnomalyCLIP
+
+    model = AnomalyCLIP.from_official_checkpoint(
+        args.checkpoint, clip=args.clip or DEFAULT_BACKBONE, device="cpu", cache_dir=args.cache_dir
+    )
+    out = model.save_pretrained(args.out_dir)
+    logger.info("Wrote %s (config.json + model.safetensors); load it with AnomalyCLIP.from_pretrained", out)
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .presets import fetch_official_checkpoint
+
+    path = fetch_official_checkpoint(args.preset, source=args.file, cache_dir=args.cache_dir)
+    logger.info("Preset %s verified and cached at %s", args.preset, path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anomalyclip`` command. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except AnomalyCLIPError as exc:
+        print(f"anomalyclip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"anomalyclip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

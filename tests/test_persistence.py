@@ -195,3 +195,32 @@ def test_text_features_cache_follows_prompt_changes(fresh_model):
         fresh_model.prompts.ctx_anomalous.add_(0.5)
         changed = fresh_model.encode_text()
     assert not torch.allclose(first, changed)
+
+
+def test_bfloat16_model_runs_close_to_float32(golden_model, tmp_path):
+    golden_model.save_pretrained(tmp_path)
+    m32 = AnomalyCLIP.from_pretrained(tmp_path, device="cpu", image_size=224)
+    m16 = AnomalyCLIP.from_pretrained(tmp_path, device="cpu", image_size=224, dtype="bfloat16")
+    assert m16.dtype == torch.bfloat16 and m32.dtype == torch.float32
+    px = m32.preprocess(IMAGE_A)
+    with torch.inference_mode():
+        o32, o16 = m32(px), m16(px)
+    assert o16.scores.dtype == torch.float32 and o16.anomaly_maps.dtype == torch.float32
+    assert (o16.scores - o32.scores).abs().max() < 0.02
+    assert (o16.anomaly_maps - o32.anomaly_maps).abs().max() < 0.1
+    with pytest.raises(InvalidInputError, match="Unknown dtype"):
+        AnomalyCLIP.from_pretrained(tmp_path, device="cpu", dtype="int8")
+    with pytest.raises(InvalidInputError, match="Unknown device"):
+        AnomalyCLIP.from_pretrained(tmp_path, device="gpu0")
+
+
+def test_auto_device_prefers_accelerators(monkeypatch):
+    from anomalyclip.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device(None).type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device(None).type == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None).type == "cuda"

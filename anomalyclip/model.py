@@ -26,6 +26,7 @@ from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .runtime import atomic_path, atomic_write, resolve_device, resolve_dtype
 from .scoring import anomaly_maps, image_scores
+from .thresholds import Thresholds
 from .vision import encode_image
 
 __all__ = ["AnomalyCLIP", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -464,6 +465,7 @@ class AnomalyCLIP(nn.Module):
         batch_size: int = 8,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        thresholds: Thresholds | None = None,
         progress: bool = False,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
@@ -474,6 +476,8 @@ class AnomalyCLIP(nn.Module):
             batch_size: images per forward pass.
             image_threshold: if given, results carry ``label = score > image_threshold``.
             pixel_threshold: if given, results carry ``mask = anomaly_map > pixel_threshold``.
+            thresholds: both thresholds at once, e.g. from :meth:`calibrate` or
+                :class:`~anomalyclip.thresholds.Thresholds` (explicit thresholds take precedence).
             progress: show a tqdm progress bar.
 
         Returns:
@@ -485,6 +489,9 @@ class AnomalyCLIP(nn.Module):
             raise InvalidInputError("Got an empty list of images; pass at least one image.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
+        if thresholds is not None:
+            image_threshold = thresholds.image if image_threshold is None else image_threshold
+            pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
         results: list[AnomalyResult] = []
         batches = range(0, len(items), batch_size)
         if progress:
@@ -507,6 +514,30 @@ class AnomalyCLIP(nn.Module):
                         )
                     )
         return results[0] if single else results
+
+    def calibrate(
+        self, normal_images: Sequence[ImageInput], *, quantile: float = 0.99, batch_size: int = 8
+    ) -> Thresholds:
+        """Image and pixel thresholds from images known to be normal.
+
+        The image threshold is the ``quantile`` of their scores, the pixel threshold the
+        ``quantile`` of all their map values (at the processing size S). Anything above is
+        flagged: pass the result to ``predict(..., thresholds=...)``. For a labelled set use
+        :meth:`anomalyclip.thresholds.Thresholds.from_labelled` (F1-max) instead.
+        """
+        items = list(normal_images) if _is_image_list(normal_images) else [normal_images]
+        if not items:
+            raise InvalidInputError("calibrate needs at least one normal image.")
+        size = self.config.image_size
+        scores = np.empty(len(items), dtype=np.float32)
+        maps = np.empty((len(items), size, size), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(items), batch_size):
+                out = self(self.preprocess(items[start : start + batch_size]))
+                end = start + len(out.scores)
+                scores[start:end] = out.scores.float().cpu().numpy()
+                maps[start:end] = out.anomaly_maps.float().cpu().numpy()
+        return Thresholds.from_normal(scores, maps, quantile=quantile)
 
     def finetune(self, data: Any, **kwargs: Any) -> Any:
         """Learn new prompts on auxiliary data with the paper's glocal training, in place.

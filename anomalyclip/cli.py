@@ -263,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Our messages at `level`; other libraries (open_clip logs at INFO on the root logger) only
+    # at WARNING unless --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("anomalyclip").setLevel(level)
     try:
         return args.handler(args)
     except AnomalyCLIPError as exc:

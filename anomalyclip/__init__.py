@@ -10,6 +10,7 @@ Quick start::
 __version__ = "0.1.0"
 
 from .config import AnomalyCLIPConfig  # noqa: E402
+from .datasets import AnomalyDataset, Sample, load_dataset  # noqa: E402
 from .errors import (  # noqa: E402
     AnomalyCLIPError,
     BackboneError,
@@ -29,6 +30,9 @@ __all__ = [
     "AnomalyCLIP",
     "AnomalyCLIPConfig",
     "evaluate",
+    "load_dataset",
+    "AnomalyDataset",
+    "Sample",
     "AnomalyOutput",
     "AnomalyResult",
     "PRESETS",

@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .datasets import FORMATS, IMAGE_SUFFIXES
 from .errors import AnomalyCLIPError
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("anomalyclip.cli")
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-FORMATS = ("mvtec", "visa", "meta", "folder")
 
 
 def _add_model_options(p: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -66,12 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for metrics.json and metrics.csv")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
+    p.add_argument("--split", default="test", help="split to read (mvtec, visa, meta; default test)")
+    p.add_argument(
+        "--no-masks",
+        action="store_true",
+        help="allow anomalous images without masks (image-level metrics only for their classes)",
+    )
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("finetune", help="learn prompts on auxiliary data (the paper's glocal training)")
     p.add_argument("--data", required=True, help="auxiliary data set root")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, help="output directory (a checkpoint per epoch, last/ loadable)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory: epoch_K/ per epoch, the latest prompts at its root (from_pretrained(OUT))",
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument("--clip", default=None, help="start from fresh prompts on this open_clip backbone (paper setting)")
     start.add_argument("--model", default=None, help="continue from existing prompts (directory, Hub id or preset)")
@@ -81,10 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--feature-layers", type=int, nargs="+", default=None)
     p.add_argument("--seed", type=int, default=111)
-    p.add_argument("--feature-cache", default="memory", choices=("memory", "disk", "none"))
-    p.add_argument("--cache-dtype", default=None, choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--resume", default=None, help="resume from a checkpoint directory of an earlier run")
-    p.add_argument("--device", default=None)
+    p.add_argument("--split", default="test", help="split to read (mvtec, visa, meta; default test, as the paper)")
+    p.add_argument(
+        "--feature-cache",
+        default="memory",
+        choices=("memory", "disk", "none"),
+        help="cache the frozen vision features after epoch 1 (default memory)",
+    )
+    p.add_argument("--feature-cache-dir", default=None, help="directory of the disk feature cache (--feature-cache disk)")
+    p.add_argument("--cache-dtype", default=None, choices=("float32", "float16", "bfloat16"), help="feature cache dtype")
+    p.add_argument("--resume", default=None, help="resume an interrupted run from its output directory")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--device", default=None, help="cuda, cpu, mps (default: best available)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
     p.set_defaults(handler=_finetune)
 
@@ -189,11 +206,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .datasets import load_dataset
     from .evaluation import evaluate, format_table, write_reports
 
-    dataset = load_dataset(args.data, args.format)
+    dataset = load_dataset(args.data, args.format, split=args.split, require_masks=not args.no_masks)
     if args.classes:
         dataset = dataset.subset(args.classes)
     model = _load_model(args)
-    report = evaluate(model, dataset, batch_size=args.batch_size)
+    report = evaluate(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.quiet)
     write_reports(report, args.out)
     print(format_table(report))
     return 0
@@ -203,7 +220,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from .datasets import load_dataset
     from .model import AnomalyCLIP
 
-    dataset = load_dataset(args.data, args.format)
+    dataset = load_dataset(args.data, args.format, split=args.split)
     if args.model is not None:
         model = AnomalyCLIP.from_pretrained(
             args.model,
@@ -233,6 +250,8 @@ def _finetune(args: argparse.Namespace) -> int:
         resume_from=args.resume,
         feature_cache=None if args.feature_cache == "none" else args.feature_cache,
         cache_dtype=args.cache_dtype,
+        cache_dir=args.feature_cache_dir,
+        num_workers=args.num_workers,
         progress=not args.quiet,
     )
     return 0

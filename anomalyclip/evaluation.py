@@ -141,7 +141,8 @@ def evaluate(
             bar.update(len(out.scores))
         if not with_masks:
             logger.warning("Class %s: some anomalous images have no mask; pixel metrics are skipped.", name)
-        classes[name] = compute_metrics(scores, labels, maps, masks)
+        metrics = compute_metrics(scores, labels, maps, masks)
+        classes[name] = {key: metrics.get(key, math.nan) for key in METRIC_NAMES}
         counts[name] = {"images": n, "anomalous": int(labels.sum())}
         logger.info("%s: %s", name, {k: round(v, 4) for k, v in classes[name].items()})
         del maps, masks

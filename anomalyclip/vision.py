@@ -14,20 +14,56 @@ Patch features of an output layer ``l >= f`` are ``ln_post(z_l) @ proj``; of ``l
 ``ln_post(h_l) @ proj``. The global feature is ``h_L[:, 0] @ proj`` WITHOUT ``ln_post`` (as the
 official release computes it). See REFERENCE.md, "Vision encoder with DPAM".
 
-Work that feeds no output is skipped: the original stream's last block runs its attention for the
-class token only and its MLP on the class token only; the DPAM stream has no MLP; both attention
-paths of a block share one fused ``scaled_dot_product_attention`` call.
+How the forward stays close to the machine's matrix-product throughput (nearly all of its work,
+about 1.2 TFLOP per image for ViT-L/14 at 518 px, is matrix products):
+
+- attention runs in ``scaled_dot_product_attention`` (fused, no ``N x N`` matrix in memory), one
+  call per path on 4-D views of the single qkv projection: no copies of q, k, v (a single call on
+  stacked 5-D ``[q; s]`` inputs would copy them, and PyTorch's CPU backend answers 5-D inputs with
+  its unfused fallback that materializes the attention matrices);
+- work that feeds no output is skipped: the original stream's last block computes its query,
+  attention, out-projection and MLP for the class token only; the DPAM stream has no MLP;
+- when nothing needs gradients, fresh intermediates are reused in place: residual additions go
+  into the tensor just produced, and QuickGELU (``x * sigmoid(1.702 x) = silu(1.702 x) / 1.702``)
+  is one in-place ``silu`` between two GEMMs that apply the two factors as their alpha/beta;
+- on the CPU, a batch goes through the blocks in micro-batches of about
+  :data:`CPU_TOKENS_PER_CHUNK` tokens (one image at 518 px): the GEMMs are at full speed with
+  that many rows, and the smaller activations are reused by the allocator instead of being mapped
+  and page-faulted afresh for every intermediate (worth ~5 % at batch 8);
+- bfloat16 / float16 weights on a CPU whose PyTorch build has no fast kernel for that dtype's
+  matrix products (no oneDNN support, e.g. AVX2-only x86, where bfloat16 GEMMs run ~15x slower
+  than float32) have their GEMMs and attention computed in float32 from the rounded inputs, and
+  the results rounded back (see :data:`CPU_LOW_PRECISION_MATMUL`).
+
+:func:`compile_blocks` optionally runs the blocks through ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VisionFeatures", "encode_image", "resize_positional_embedding", "attention", "qkv_heads"]
+__all__ = [
+    "VisionFeatures",
+    "encode_image",
+    "resize_positional_embedding",
+    "attention",
+    "qkv_heads",
+    "embed_patches",
+    "CPU_LOW_PRECISION_MATMUL",
+    "CPU_TOKENS_PER_CHUNK",
+    "compile_blocks",
+]
+
+#: How bfloat16 / float16 matrix products run on the CPU: ``"auto"`` (in float32 when PyTorch has
+#: no oneDNN kernel for the dtype on this CPU, natively otherwise), ``"native"`` or ``"float32"``.
+#: Inputs and results keep the model's dtype either way; only the accumulation path differs.
+CPU_LOW_PRECISION_MATMUL = "auto"
 
 
 @dataclass
@@ -63,11 +99,71 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
+# ----------------------------------------------------------------------------- matrix products
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_fast_kernel(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU matrix products in ``dtype`` go to oneDNN (else: a slow generic loop)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # no oneDNN in this build: trust the native path
+        return True
+    return True
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """float32 if ``x``'s matrix products should be computed in float32 (see CPU_LOW_PRECISION_MATMUL)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    policy = CPU_LOW_PRECISION_MATMUL
+    if policy == "native" or (policy == "auto" and _cpu_has_fast_kernel(x.dtype)):
+        return None
+    return torch.float32
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, alpha: float = 1.0, beta: float = 1.0
+) -> torch.Tensor:
+    """``beta * bias + alpha * x @ weight^T`` over the last dimension of ``x``, in ``x``'s dtype."""
+    dtype = x.dtype
+    up = _matmul_dtype(x)
+    if up is not None:
+        x, weight = x.to(up), weight.to(up)
+        bias = bias.to(up) if bias is not None else None
+    x2 = x.reshape(-1, x.shape[-1])
+    if bias is None:
+        out = torch.mm(x2, weight.t())
+        if alpha != 1.0:
+            out.mul_(alpha)
+    elif alpha == 1.0 and beta == 1.0:
+        out = F.linear(x2, weight, bias)
+    else:
+        out = torch.addmm(bias, x2, weight.t(), beta=beta, alpha=alpha)
+    return out.to(dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def _project(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``x @ proj`` for a ``[W, D]`` projection matrix."""
+    return _linear(x, proj.t(), None)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` (fused); in float32 where :func:`_linear` would be."""
+    up = _matmul_dtype(q)
+    if up is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q.to(up), k.to(up), v.to(up), is_causal=causal).to(q.dtype)
+
+
 def qkv_heads(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Project ``x [B, N, W]`` with the attention's packed in-projection to q, k, v ``[B, H, N, W/H]``."""
+    """Project ``x [B, N, W]`` with the attention's packed in-projection to q, k, v ``[B, H, N, W/H]`` (views)."""
     b, n, w = x.shape
     heads = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3W]
+    qkv = _linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3W]
     qkv = qkv.view(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, W/H]
     return qkv[0], qkv[1], qkv[2]
 
@@ -78,60 +174,135 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).reshape(*lead, n, h * d)
 
 
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, N, W] -> [B, H, N, W/H]`` (a view)."""
+    b, n, w = x.shape
+    return x.view(b, n, heads, w // heads).transpose(1, 2)
+
+
+def _out_proj(attn: nn.MultiheadAttention, o: torch.Tensor) -> torch.Tensor:
+    """The out-projection of per-head attention outputs ``[B, H, N, d] -> [B, N, W]``."""
+    return _linear(merge_heads(o), attn.out_proj.weight, attn.out_proj.bias)
+
+
 def attention(block: nn.Module, x: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
     """Standard multi-head self-attention of an open_clip block on ``x [B, N, W]`` (already ln_1'd)."""
     q, k, v = qkv_heads(block.attn, x)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return block.attn.out_proj(merge_heads(out))
+    return _out_proj(block.attn, _sdpa(q, k, v, causal=causal))
 
 
-def _standard_block(block: nn.Module, h: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+# ----------------------------------------------------------------------------- blocks
+
+# QuickGELU(x) = x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: with the two factors folded into the
+# GEMMs around it (alpha / beta, free), the activation is one in-place silu pass.
+_QUICK_GELU_SCALE = 1.702
+
+
+def _fast_mlp_ok(mlp: nn.Module) -> bool:
+    fc, act, proj = (getattr(mlp, name, None) for name in ("c_fc", "gelu", "c_proj"))
+    return (
+        isinstance(fc, nn.Linear)
+        and isinstance(proj, nn.Linear)
+        and type(act).__name__ == "QuickGELU"
+        and fc.bias is not None
+        and proj.bias is not None
+    )
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``mlp(x)``; with ``fast`` and a QuickGELU MLP: two GEMMs and one in-place silu."""
+    if not (fast and _fast_mlp_ok(mlp)):
+        if _matmul_dtype(x) is None:
+            return mlp(x)
+        fc, act, proj = mlp.c_fc, mlp.gelu, mlp.c_proj
+        return _linear(act(_linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
+    fc, proj = mlp.c_fc, mlp.c_proj
+    y = _linear(x, fc.weight, fc.bias, alpha=_QUICK_GELU_SCALE, beta=_QUICK_GELU_SCALE)
+    F.silu(y, inplace=True)  # 1.702 * QuickGELU(fc(x))
+    return _linear(y, proj.weight, proj.bias, alpha=1.0 / _QUICK_GELU_SCALE)
+
+
+def _add_residual(residual: torch.Tensor, ls: nn.Module, update: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``residual + ls(update)``; with ``fast``, ``update`` (a fresh tensor) receives the sum."""
+    if fast and isinstance(ls, nn.Identity) and update.shape == residual.shape:
+        return update.add_(residual)  # addition commutes exactly: the same bits as residual + update
+    return residual + ls(update)
+
+
+def _mlp_residual(block: nn.Module, h: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``h + ls_2(mlp(ln_2(h)))``."""
+    return _add_residual(h, block.ls_2, _mlp(block.mlp, block.ln_2(h), fast), fast)
+
+
+def _cls_query_qkv(
+    attn: nn.MultiheadAttention, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q of the class token only ``[B, H, 1, d]``, k and v of all tokens ``[B, H, N, d]``."""
+    width, heads = x.shape[-1], attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    kv = _linear(x, weight[width:], bias[width:] if bias is not None else None)  # [B, N, 2W]
+    q = _linear(x[:, :1], weight[:width], bias[:width] if bias is not None else None)  # [B, 1, W]
+    return _heads(q, heads), _heads(kv[..., :width], heads), _heads(kv[..., width:], heads)
+
+
+def _standard_block(block: nn.Module, h: torch.Tensor, fast: bool, cls_only: bool = False) -> torch.Tensor:
     """A pre-LN block; with ``cls_only`` only the class token is computed (``[B, 1, W]`` out)."""
     x = block.ln_1(h)
     if cls_only:
-        q, k, v = qkv_heads(block.attn, x)
-        o = F.scaled_dot_product_attention(q[:, :, :1], k, v)
-        h = h[:, :1] + block.ls_1(block.attn.out_proj(merge_heads(o)))
+        q, k, v = _cls_query_qkv(block.attn, x)
+        o = _out_proj(block.attn, _sdpa(q, k, v))
+        h = _add_residual(h[:, :1], block.ls_1, o, fast)
     else:
-        h = h + block.ls_1(attention(block, x))
-    return h + block.ls_2(block.mlp(block.ln_2(h)))
+        h = _add_residual(h, block.ls_1, attention(block, x), fast)
+    return _mlp_residual(block, h, fast)
 
 
 def _dpam_block(
-    block: nn.Module, h: torch.Tensor, z: torch.Tensor, mode: str, last: bool
+    block: nn.Module, h: torch.Tensor, z: torch.Tensor, mode: str, last: bool, fast: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DPAM block: returns the new original stream ``h`` and DPAM stream ``z``.
 
     If ``last``, only the class token of ``h`` is computed (``h`` becomes ``[B, 1, W]``).
     """
-    q, k, v = qkv_heads(block.attn, block.ln_1(h))  # [B, H, N, d]
-    s = {"vv": v, "qq": q, "kk": k}[mode]
-    out_proj = block.attn.out_proj
-    if last:
-        # The original stream only has to deliver the class token from here on.
-        o = F.scaled_dot_product_attention(q[:, :, :1], k, v)
-        a = F.scaled_dot_product_attention(s, s, v)
-        o, a = out_proj(merge_heads(o)), out_proj(merge_heads(a))
-        h = h[:, :1] + block.ls_1(o)
+    attn = block.attn
+    x = block.ln_1(h)
+    if last and mode != "qq":
+        q, k, v = _cls_query_qkv(attn, x)  # the original stream only needs the class token
     else:
-        # Both paths in one fused call: queries [q; s], keys [k; s], values [v; v].
-        both = F.scaled_dot_product_attention(torch.stack((q, s)), torch.stack((k, s)), v.expand(2, *v.shape))
-        both = out_proj(merge_heads(both))  # [2, B, N, W]
-        o, a = both[0], both[1]
-        h = h + block.ls_1(o)
-    h = h + block.ls_2(block.mlp(block.ln_2(h)))
-    return h, z + block.ls_1(a)
+        q, k, v = qkv_heads(attn, x)
+    s = {"vv": v, "qq": q, "kk": k}[mode]
+    if last:
+        q = q[:, :, :1]
+    # Two fused attention calls on views of the one projection (no N x N matrices, no copies).
+    o = _out_proj(attn, _sdpa(q, k, v))
+    a = _out_proj(attn, _sdpa(s, s, v))
+    h = _mlp_residual(block, _add_residual(h[:, :1] if last else h, block.ls_1, o, fast), fast)
+    return h, _add_residual(z, block.ls_1, a, fast)
 
 
 def embed_patches(visual: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Patch embedding + class token + (resized) positional embedding + ``ln_pre``: ``[B, N, W]``."""
-    x = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))  # [B, W, G, G]
+    conv = visual.conv1
+    x = pixel_values.to(conv.weight.dtype)
+    if _matmul_dtype(x) is not None:
+        x = F.conv2d(x.float(), conv.weight.float(), None, conv.stride).to(x.dtype)  # [B, W, G, G]
+    else:
+        x = conv(x)
     grid = x.shape[-1]
     x = x.flatten(2).transpose(1, 2)  # [B, G*G, W]
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1)
     x = x + resize_positional_embedding(visual.positional_embedding, grid).to(x.dtype)
     return visual.ln_pre(x)
+
+
+# ----------------------------------------------------------------------------- the forward
+
+
+#: On the CPU, images go through the blocks in micro-batches of about this many tokens (at least
+#: one image): matrix products are already at full speed with ~1,000 rows, and larger batches only
+#: add memory traffic and page faults (see :func:`encode_image`). ``None`` disables it.
+CPU_TOKENS_PER_CHUNK: int | None = 2048
 
 
 def encode_image(
@@ -150,12 +321,48 @@ def encode_image(
         feature_layers: 1-based blocks whose patch features are returned.
         dpam_layers: number of final blocks with DPAM.
         dpam_mode: ``"vv"``, ``"qq"`` or ``"kk"``.
+
+    On the CPU, a batch runs in micro-batches of :data:`CPU_TOKENS_PER_CHUNK` tokens (one image
+    at 518 px): each matrix product still has over a thousand rows (full GEMM speed), and the
+    activations stay small enough for the allocator to reuse their memory instead of mapping and
+    faulting in fresh pages for every intermediate (at batch 8 that costs several percent).
+    The results are the same as for the whole batch at once.
     """
+    b = pixel_values.shape[0]
+    patch = visual.conv1.kernel_size[0]
+    tokens = 1 + (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+    chunk = b
+    if pixel_values.device.type == "cpu" and CPU_TOKENS_PER_CHUNK is not None:
+        chunk = max(1, CPU_TOKENS_PER_CHUNK // tokens)
+    if b <= chunk:
+        return _encode_image(visual, pixel_values, feature_layers, dpam_layers, dpam_mode)
+    parts = [
+        _encode_image(visual, pixel_values[start : start + chunk], feature_layers, dpam_layers, dpam_mode)
+        for start in range(0, b, chunk)
+    ]
+    return VisionFeatures(
+        image_features=torch.cat([p.image_features for p in parts]),
+        patch_features={layer: torch.cat([p.patch_features[layer] for p in parts]) for layer in parts[0].patch_features},
+    )
+
+
+def _encode_image(
+    visual: nn.Module,
+    pixel_values: torch.Tensor,
+    feature_layers: tuple[int, ...],
+    dpam_layers: int,
+    dpam_mode: str,
+) -> VisionFeatures:
     blocks = visual.transformer.resblocks
     depth = len(blocks)
     first_dpam = depth - dpam_layers + 1  # 1-based; depth + 1 means no DPAM
     wanted = set(feature_layers)
     proj, ln_post = visual.proj, visual.ln_post
+    # Fresh intermediates are reused in place only when nothing needs gradients.
+    fast = not torch.is_grad_enabled() or not (
+        pixel_values.requires_grad or any(p.requires_grad for p in visual.parameters())
+    )
+    standard, dpam = _block_functions(visual)
 
     h = embed_patches(visual, pixel_values)
     z: torch.Tensor | None = None
@@ -163,14 +370,39 @@ def encode_image(
     for index, block in enumerate(blocks, start=1):
         last = index == depth
         if index < first_dpam:
-            h = _standard_block(block, h, cls_only=last and index not in wanted)
+            h = standard(block, h, fast, cls_only=last and index not in wanted)
             if index in wanted:
-                patch_features[index] = ln_post(h) @ proj
+                patch_features[index] = _project(ln_post(h), proj)
             continue
         if z is None:
             z = h
-        h, z = _dpam_block(block, h, z, dpam_mode, last=last)
+        h, z = dpam(block, h, z, dpam_mode, last=last, fast=fast)
         if index in wanted:
-            patch_features[index] = ln_post(z) @ proj
-    image_features = h[:, 0] @ proj
+            patch_features[index] = _project(ln_post(z), proj)
+    image_features = _project(h[:, 0], proj)
     return VisionFeatures(image_features=image_features, patch_features=patch_features)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+_COMPILED_ATTR = "_anomalyclip_compiled_blocks"
+
+
+def _block_functions(visual: nn.Module) -> tuple[Callable, Callable]:
+    return getattr(visual, _COMPILED_ATTR, None) or (_standard_block, _dpam_block)
+
+
+def compile_blocks(visual: nn.Module, enable: bool = True, **compile_kwargs) -> nn.Module:
+    """Run the blocks of ``visual`` through ``torch.compile`` from now on (``enable=False`` undoes it).
+
+    The block functions are compiled once per (block kind, shape, dtype) and shared by all blocks
+    (the block's weights are graph inputs, so the 19 DPAM blocks reuse one graph). Extra keyword
+    arguments go to ``torch.compile``. Returns ``visual``.
+    """
+    if not enable:
+        if hasattr(visual, _COMPILED_ATTR):
+            delattr(visual, _COMPILED_ATTR)
+        return visual
+    kwargs = {"dynamic": False, **compile_kwargs}
+    object.__setattr__(visual, _COMPILED_ATTR, (torch.compile(_standard_block, **kwargs), torch.compile(_dpam_block, **kwargs)))
+    return visual

@@ -32,14 +32,15 @@ Colormap sources (each a 256 x 3 ``uint8`` RGB table, entry ``i`` for ``np.uint8
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import ImageLoadError, InvalidInputError
+from .errors import InvalidInputError
+from .preprocessing import load_image
+from .runtime import atomic_write
 
 __all__ = [
     "COLORMAPS",
@@ -246,26 +247,10 @@ def apply_colormap(
     return table[_quantize(arr, lo, hi)]
 
 
-def _load_path(path: str | os.PathLike) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not an image file" if path.is_dir() else "not found"
-        raise ImageLoadError(f"Image file {what}: '{path}'. Check the path.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(
-            f"Cannot read image '{path}': {exc}. The file may be truncated or not an image format "
-            "Pillow can decode (PNG, JPEG, BMP, TIFF, ...)."
-        ) from exc
-
-
 def _as_rgb(image: VisImage) -> np.ndarray:
     """``uint8 [H, W, 3]`` RGB from a path, a PIL image or a uint8 array (gray, RGB or RGBA)."""
     if isinstance(image, (str, os.PathLike)):
-        image = _load_path(image)
+        image = load_image(image)
     if isinstance(image, Image.Image):
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             raise InvalidInputError(
@@ -436,18 +421,8 @@ def save_overlay(path: str | os.PathLike, image: VisImage, anomaly_map: Any, **k
     if target.suffix.lower() != ".png":
         raise InvalidInputError(f"save_overlay writes PNG files; '{target}' should end in .png.")
     picture = overlay(image, anomaly_map, **kwargs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours the umask
-        with os.fdopen(fd, "wb") as fh:
-            picture.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(target, "wb") as handle:
+        picture.save(handle, format="PNG")
     return target
 
 

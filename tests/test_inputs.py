@@ -112,7 +112,7 @@ def test_empty_list():
 # ----------------------------------------------------------------------------- through the model
 def test_predict_accepts_every_input_kind(golden_model):
     pil = Image.open(IMAGE_A)
-    arr = np.asarray(pil.convert("RGB"))
+    arr = np.array(pil.convert("RGB"))  # writable, as torch.from_numpy wants
     inputs = [IMAGE_A, pil, arr, torch.from_numpy(arr).permute(2, 0, 1).contiguous()]
     results = golden_model.predict(inputs, batch_size=4)
     assert len(results) == 4

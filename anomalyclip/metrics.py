@@ -413,7 +413,9 @@ def _aupro(maps: np.ndarray, masks: np.ndarray, max_steps: int, max_fpr: float) 
         )
         return math.nan
     fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
-    return _sklearn_auc(fprs, pros)
+    # + 0.0: when no region is ever found (all PRO 0), the trapezoid over the decreasing FPR axis is
+    # -0.0, which would print as "-0.0"; the value is the official one either way.
+    return _sklearn_auc(fprs, pros) + 0.0
 
 
 # ----------------------------------------------------------------------------- all at once

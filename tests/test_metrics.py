@@ -197,6 +197,18 @@ def test_pixel_metrics_single_anomalous_pixel():
     check_pixel_metrics(maps, masks)
 
 
+def test_aupro_never_found_regions_is_positive_zero():
+    """Anomalous pixels below every threshold: the official value is (-)0; reported as +0.0."""
+    rng = np.random.default_rng(70)
+    masks = blob_masks(rng)
+    maps = rng.random(masks.shape).astype(np.float32) + 1.0
+    maps[masks.astype(bool)] = 0.0  # the minimum: never above a threshold
+    reference = cal_pro_score(masks, maps)
+    value = metrics.pixel_aupro(maps, masks)
+    assert reference == 0.0 and value == 0.0
+    assert math.copysign(1.0, value) == 1.0  # prints as 0.0, not -0.0
+
+
 @pytest.mark.parametrize(("max_steps", "max_fpr"), [(50, 0.5), (10, 1.0), (200, 0.05), (7, 0.3)])
 def test_aupro_other_steps_and_fpr_limits(max_steps, max_fpr):
     rng = np.random.default_rng(70)

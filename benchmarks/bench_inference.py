@@ -232,16 +232,20 @@ def gemm_throughput(
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} logical CPUs)"
+    # The vector extensions that decide GEMM speed (float32: AVX2 / AVX-512; bfloat16: AVX512-BF16 / AMX).
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_fp16") if f in flags]
+    return f"{name} ({os.cpu_count()} logical CPUs{'; ' + ', '.join(isa) if isa else ''})"
 
 
 # ---------------------------------------------------------------------------- the benchmark

@@ -90,7 +90,7 @@ def large_comparison(dtypes: list[str], device: torch.device, batch: int) -> Non
     model = AnomalyCLIP.from_clip(clip, backbone="ViT-L-14-336 (random)", image_size=518, seed=0)
     pixel_values = torch.randn(batch, 3, 518, 518, generator=torch.Generator().manual_seed(0))
     reference = _outputs(model, pixel_values, torch.float32, device)
-    print(f"ViT-L-14-336 with random weights ({batch} random images, S = 518; device {device}); max |difference|:")
+    print(f"ViT-L-14-336 with random weights ({batch} random image{'s' if batch != 1 else ''}, S = 518; device {device}); max |difference|:")
     for name in dtypes:
         compare(reference, _outputs(model, pixel_values, resolve_dtype(name), device), f"{name} vs float32")
 

@@ -65,6 +65,7 @@ def test_bad_checkpoints_are_rejected(tmp_path, tiny_clip, mutate, message):
         _convert(_write(tmp_path, state), tiny_clip)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the hand-made unsafe pickle
 def test_unreadable_and_unsafe_files(tmp_path, tiny_clip):
     with pytest.raises(CheckpointError, match="not found"):
         _convert(tmp_path / "missing.pth", tiny_clip)

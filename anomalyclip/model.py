@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +27,8 @@ from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompt
 from .runtime import atomic_path, atomic_write, resolve_device, resolve_dtype
 from .scoring import anomaly_maps, image_scores
 from .thresholds import Thresholds
+from .training import finetune as _glocal_finetune
 from .vision import encode_image
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .training import TrainingHistory
 
 __all__ = ["AnomalyCLIP", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -542,52 +540,10 @@ class AnomalyCLIP(nn.Module):
                 maps[start:end] = out.anomaly_maps.float().cpu().numpy()
         return Thresholds.from_normal(scores, maps, quantile=quantile)
 
-    def finetune(
-        self,
-        data: Any,
-        *,
-        epochs: int = 15,
-        batch_size: int = 8,
-        lr: float = 1e-3,
-        betas: Sequence[float] = (0.5, 0.999),
-        seed: int = 111,
-        shuffle: bool = True,
-        output_dir: str | os.PathLike | None = None,
-        resume_from: str | os.PathLike | None = None,
-        feature_cache: str | None = "memory",
-        cache_dtype: str | torch.dtype | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        num_workers: int = 0,
-        progress: bool = True,
-    ) -> "TrainingHistory":
-        """Learn new prompts on auxiliary data with the paper's glocal training, in place.
-
-        ``data`` is an :class:`~anomalyclip.datasets.AnomalyDataset` (``load_dataset(root,
-        format)``) with a mask for every anomalous image. Only the prompts train; the frozen
-        vision features are cached after they are first computed (``feature_cache``), so later
-        epochs cost only the text encoder and the losses. See :func:`anomalyclip.training.finetune`
-        for every option; the defaults are the paper's. Returns a
-        :class:`~anomalyclip.training.TrainingHistory` (per-epoch losses and timings).
-        """
-        from .training import finetune
-
-        return finetune(
-            self,
-            data,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            betas=betas,
-            seed=seed,
-            shuffle=shuffle,
-            output_dir=output_dir,
-            resume_from=resume_from,
-            feature_cache=feature_cache,
-            cache_dtype=cache_dtype,
-            cache_dir=cache_dir,
-            num_workers=num_workers,
-            progress=progress,
-        )
+    #: Learn new prompts on auxiliary data with the paper's glocal training, in place:
+    #: ``model.finetune(data, ...)`` is :func:`anomalyclip.training.finetune` with this model
+    #: (every option and default is documented there). Returns a ``TrainingHistory``.
+    finetune = _glocal_finetune
 
     def extra_repr(self) -> str:
         c = self.config

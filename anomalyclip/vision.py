@@ -33,7 +33,7 @@ about 1.2 TFLOP per image for ViT-L/14 at 518 px, is matrix products):
 - bfloat16 / float16 weights on a CPU whose PyTorch build has no fast kernel for that dtype's
   matrix products (no oneDNN support, e.g. AVX2-only x86, where bfloat16 GEMMs run ~15x slower
   than float32) have their GEMMs and attention computed in float32 from the rounded inputs, and
-  the results rounded back (see :data:`CPU_LOW_PRECISION_MATMUL`).
+  the results rounded back (see :func:`set_cpu_low_precision_matmul`).
 
 :func:`compile_blocks` optionally runs the blocks through ``torch.compile``.
 """
@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidInputError
+
 __all__ = [
     "VisionFeatures",
     "encode_image",
@@ -55,15 +57,14 @@ __all__ = [
     "attention",
     "qkv_heads",
     "embed_patches",
-    "CPU_LOW_PRECISION_MATMUL",
     "CPU_TOKENS_PER_CHUNK",
+    "get_cpu_low_precision_matmul",
+    "set_cpu_low_precision_matmul",
     "compile_blocks",
 ]
 
-#: How bfloat16 / float16 matrix products run on the CPU: ``"auto"`` (in float32 when PyTorch has
-#: no oneDNN kernel for the dtype on this CPU, natively otherwise), ``"native"`` or ``"float32"``.
-#: Inputs and results keep the model's dtype either way; only the accumulation path differs.
-CPU_LOW_PRECISION_MATMUL = "auto"
+_CPU_LOW_PRECISION_POLICIES = ("auto", "native", "float32")
+_cpu_low_precision_matmul = "auto"  # process-wide, like torch.backends flags; see the setter
 
 
 @dataclass
@@ -115,11 +116,38 @@ def _cpu_has_fast_kernel(dtype: torch.dtype) -> bool:
     return True
 
 
+def set_cpu_low_precision_matmul(policy: str) -> str:
+    """Choose how bfloat16 / float16 matrix products and attention run on the CPU (process-wide).
+
+    Args:
+        policy: ``"auto"`` (the default: in float32 when this PyTorch build has no fast oneDNN
+            kernel for the dtype on this CPU, e.g. AVX2-only x86 where bfloat16 GEMMs run about
+            15x slower than float32; natively otherwise), ``"native"`` (always in the dtype) or
+            ``"float32"`` (always in float32). Inputs and results keep the model's dtype either
+            way; only the arithmetic in between differs.
+
+    Returns:
+        The previous policy, to restore it later.
+    """
+    global _cpu_low_precision_matmul
+    if policy not in _CPU_LOW_PRECISION_POLICIES:
+        raise InvalidInputError(
+            f"Unknown CPU low-precision matmul policy {policy!r}; use one of {', '.join(_CPU_LOW_PRECISION_POLICIES)}."
+        )
+    previous, _cpu_low_precision_matmul = _cpu_low_precision_matmul, policy
+    return previous
+
+
+def get_cpu_low_precision_matmul() -> str:
+    """The current policy of :func:`set_cpu_low_precision_matmul`."""
+    return _cpu_low_precision_matmul
+
+
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """float32 if ``x``'s matrix products should be computed in float32 (see CPU_LOW_PRECISION_MATMUL)."""
+    """float32 if ``x``'s matrix products should be computed in float32 (see set_cpu_low_precision_matmul)."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
         return None
-    policy = CPU_LOW_PRECISION_MATMUL
+    policy = _cpu_low_precision_matmul
     if policy == "native" or (policy == "auto" and _cpu_has_fast_kernel(x.dtype)):
         return None
     return torch.float32

@@ -326,14 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="ours", choices=["ours", "official", "both"], help="which forward(s) to time")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision blocks (anomalyclip.vision.compile_blocks)")
     parser.add_argument("--cpu-low-precision-matmul", default=None, choices=["auto", "native", "float32"],
-                        help="anomalyclip.vision.CPU_LOW_PRECISION_MATMUL for bfloat16/float16 on the CPU (default: auto)")
+                        help="anomalyclip.vision.set_cpu_low_precision_matmul policy for bfloat16/float16 on the CPU (default: auto)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype)
     if args.cpu_low_precision_matmul is not None:
-        vision.CPU_LOW_PRECISION_MATMUL = args.cpu_low_precision_matmul
+        vision.set_cpu_low_precision_matmul(args.cpu_low_precision_matmul)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine_description(device)}; device {device}; torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; dtype {args.dtype}; S = {args.image_size}; "
-          f"compile {args.compile}; CPU_LOW_PRECISION_MATMUL {vision.CPU_LOW_PRECISION_MATMUL!r}")
+          f"compile {args.compile}; CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}")
     try:
         print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
     except OSError:
@@ -394,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  reference: best {str(run_dtype).replace('torch.', '')} GEMM above{'':<13} {peak_gemm / 1e9:8.1f} GFLOP/s")
     if run_dtype != dtype:
         print(f"  (this PyTorch build has no fast {args.dtype} matrix-product kernel on this CPU; anomalyclip computes "
-              f"{args.dtype} GEMMs in float32 (anomalyclip.vision.CPU_LOW_PRECISION_MATMUL = "
-              f"{vision.CPU_LOW_PRECISION_MATMUL!r}), so the float32 GEMM is the machine's best)")
+              f"{args.dtype} GEMMs in float32 (anomalyclip.vision.get_cpu_low_precision_matmul() = "
+              f"{vision.get_cpu_low_precision_matmul()!r}), so the float32 GEMM is the machine's best)")
     print()
     header = (f"{'forward':<9} {'B':>3} {'images/s':>9} {'latency s/img':>14} {'batch s (best/median)':>22} "
               f"{'peak MiB':>9} {'GFLOP/img':>10} {'GFLOP/s':>8} {'of GEMM':>8} {'other CPU s':>12}")

@@ -103,16 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", action="store_true", help="also compare on a random ViT-L-14-336 at S = 518")
     parser.add_argument("--large-batch", type=int, default=1)
     parser.add_argument("--cpu-low-precision-matmul", default=None, choices=["auto", "native", "float32"],
-                        help="anomalyclip.vision.CPU_LOW_PRECISION_MATMUL (default: auto)")
+                        help="anomalyclip.vision.set_cpu_low_precision_matmul policy (default: auto)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.cpu_low_precision_matmul is not None:
-        vision.CPU_LOW_PRECISION_MATMUL = args.cpu_low_precision_matmul
+        vision.set_cpu_low_precision_matmul(args.cpu_low_precision_matmul)
     device = torch.device(args.device)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     print(f"torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"CPU_LOW_PRECISION_MATMUL {vision.CPU_LOW_PRECISION_MATMUL!r}")
+          f"CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}")
     golden_comparison(dtypes, device)
     if args.large:
         large_comparison(dtypes, device, args.large_batch)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, CheckpointError, InvalidInputError, WeightsNotFoundError
+from anomalyclip import vision
 
 from .conftest import IMAGE_A
 
@@ -212,6 +213,35 @@ def test_bfloat16_model_runs_close_to_float32(golden_model, tmp_path):
         AnomalyCLIP.from_pretrained(tmp_path, device="cpu", dtype="int8")
     with pytest.raises(InvalidInputError, match="Unknown device"):
         AnomalyCLIP.from_pretrained(tmp_path, device="gpu0")
+
+
+@pytest.fixture
+def cpu_matmul_policy():
+    """Restores the process-wide CPU low-precision matmul policy after the test."""
+    previous = vision.get_cpu_low_precision_matmul()
+    yield vision.set_cpu_low_precision_matmul
+    vision.set_cpu_low_precision_matmul(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_matmul_policies(golden_model, tmp_path, cpu_matmul_policy, dtype):
+    golden_model.save_pretrained(tmp_path)
+    m32 = AnomalyCLIP.from_pretrained(tmp_path, device="cpu", image_size=224)
+    low = AnomalyCLIP.from_pretrained(tmp_path, device="cpu", image_size=224, dtype=dtype)
+    px = m32.preprocess(IMAGE_A)
+    probe = torch.empty(0, dtype=dtype)
+    for policy, arithmetic in (("float32", torch.float32), ("native", None)):
+        assert cpu_matmul_policy(policy) in ("auto", "native", "float32")
+        assert vision.get_cpu_low_precision_matmul() == policy
+        assert vision._matmul_dtype(probe) is arithmetic
+        with torch.inference_mode():
+            o32, o_low = m32(px), low(px)
+        assert (o_low.scores - o32.scores).abs().max() < 0.02, policy
+        assert (o_low.anomaly_maps - o32.anomaly_maps).abs().max() < 0.1, policy
+    assert vision._matmul_dtype(torch.empty(0)) is None  # float32 weights are never touched
+    with pytest.raises(InvalidInputError, match="auto, native, float32"):
+        cpu_matmul_policy("fp32")
+    assert vision.get_cpu_low_precision_matmul() == "native"  # a refused value changes nothing
 
 
 def test_auto_device_prefers_accelerators(monkeypatch):

@@ -317,3 +317,39 @@ def test_empty_mask_warns_but_trains(tiny_clip, small_data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="anomalyclip"):
         finetune(_model(tiny_clip), data, epochs=1, progress=False)
     assert any("blank_mask.png" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_finetune_matches_the_python_api_and_continues(tiny_clip, tmp_path):
+    from anomalyclip.cli import main
+
+    root = make_synthetic_dataset(tmp_path / "data", layout="folder", n_normal=4, n_anomalous=6, size=(64, 64), seed=3)
+    data = ["--data", str(root), "--format", "folder", "--device", "cpu"]
+    options = ["--image-size", str(SMALL), "--batch-size", "4", "--seed", "0"]
+    out = tmp_path / "run"
+    assert main(["-q", "finetune", *data, *options, "--epochs", "2", "--clip", TINY_CLIP_REF, "--out", str(out)]) == 0
+
+    # --clip: fresh prompts on that backbone, trained exactly as model.finetune trains them.
+    expected = AnomalyCLIP.from_clip(tiny_clip, backbone=TINY_CLIP_REF, image_size=SMALL, seed=0)
+    finetune(expected, load_dataset(root, "folder"), epochs=2, batch_size=4, seed=0, progress=False)
+    trained = AnomalyCLIP.from_pretrained(out, device="cpu")
+    assert trained.config.image_size == SMALL
+    _assert_same(_prompts(trained), _prompts(expected))
+    assert sorted(p.name for p in out.glob("epoch_*")) == ["epoch_1", "epoch_2"]
+
+    # --resume continues the run to more epochs, as the Python API does.
+    assert main(["-q", "finetune", *data, *options, "--epochs", "3", "--clip", TINY_CLIP_REF, "--out", str(out),
+                 "--resume", str(out)]) == 0
+    finetune(expected, load_dataset(root, "folder"), epochs=3, batch_size=4, seed=0, resume_from=out / "epoch_2",
+             progress=False)
+    _assert_same(_prompts(AnomalyCLIP.from_pretrained(out, device="cpu")), _prompts(expected))
+
+    # --model: continue from existing prompts, with other output layers and learning rate.
+    out2 = tmp_path / "more"
+    assert main(["-q", "finetune", *data, *options, "--epochs", "1", "--model", str(out), "--out", str(out2),
+                 "--feature-layers", "6", "12", "--lr", "0.01", "--feature-cache", "none"]) == 0
+    continued = AnomalyCLIP.from_pretrained(out2, device="cpu")
+    assert list(continued.config.feature_layers) == [6, 12]
+    assert not torch.equal(continued.prompts.ctx_normal, expected.prompts.ctx_normal)

@@ -356,6 +356,10 @@ def encode_image(
     faulting in fresh pages for every intermediate (at batch 8 that costs several percent).
     The results are the same as for the whole batch at once.
     """
+    # Fresh intermediates are reused in place only when nothing needs gradients.
+    fast = not torch.is_grad_enabled() or not (
+        pixel_values.requires_grad or any(p.requires_grad for p in visual.parameters())
+    )
     b = pixel_values.shape[0]
     patch = visual.conv1.kernel_size[0]
     tokens = 1 + (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
@@ -363,9 +367,9 @@ def encode_image(
     if pixel_values.device.type == "cpu" and CPU_TOKENS_PER_CHUNK is not None:
         chunk = max(1, CPU_TOKENS_PER_CHUNK // tokens)
     if b <= chunk:
-        return _encode_image(visual, pixel_values, feature_layers, dpam_layers, dpam_mode)
+        return _encode_image(visual, pixel_values, feature_layers, dpam_layers, dpam_mode, fast)
     parts = [
-        _encode_image(visual, pixel_values[start : start + chunk], feature_layers, dpam_layers, dpam_mode)
+        _encode_image(visual, pixel_values[start : start + chunk], feature_layers, dpam_layers, dpam_mode, fast)
         for start in range(0, b, chunk)
     ]
     return VisionFeatures(
@@ -380,16 +384,13 @@ def _encode_image(
     feature_layers: tuple[int, ...],
     dpam_layers: int,
     dpam_mode: str,
+    fast: bool,
 ) -> VisionFeatures:
     blocks = visual.transformer.resblocks
     depth = len(blocks)
     first_dpam = depth - dpam_layers + 1  # 1-based; depth + 1 means no DPAM
     wanted = set(feature_layers)
     proj, ln_post = visual.proj, visual.ln_post
-    # Fresh intermediates are reused in place only when nothing needs gradients.
-    fast = not torch.is_grad_enabled() or not (
-        pixel_values.requires_grad or any(p.requires_grad for p in visual.parameters())
-    )
     standard, dpam = _block_functions(visual)
 
     h = embed_patches(visual, pixel_values)

@@ -31,25 +31,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_inference import PeakMemory  # same peak-RSS measurement (benchmarks/ is on sys.path)
 
 from anomalyclip import AnomalyCLIP, evaluate, load_dataset
 from anomalyclip.evaluation import format_table
 from anomalyclip.synthetic import make_synthetic_dataset
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_dataset(root, "mvtec")
         with torch.inference_mode():  # text features cached before the measurement
             model.encode_text()
-        base = _status_kib("VmRSS")
-        _reset_peak()
-        start = time.perf_counter()
-        report = evaluate(model, dataset, batch_size=args.batch_size, progress=False)
-        seconds = time.perf_counter() - start
-        peak_mib = (_status_kib("VmHWM") - base) / 1024
+        with PeakMemory(torch.device("cpu")) as memory:
+            start = time.perf_counter()
+            report = evaluate(model, dataset, batch_size=args.batch_size, progress=False)
+            seconds = time.perf_counter() - start
+        if memory.mib is None:
+            raise SystemExit("peak memory needs Linux's /proc/self/status and /proc/self/clear_refs")
+        peak_mib = memory.mib
 
     s = args.image_size
     n = len(dataset)

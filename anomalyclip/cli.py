@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .datasets import FORMATS, IMAGE_SUFFIXES
+from ._version import __version__
+from .data.datasets import FORMATS, IMAGE_SUFFIXES
 from .errors import AnomalyCLIPError
 
 __all__ = ["main", "build_parser"]
@@ -160,7 +160,7 @@ def _overlay_names(paths: Sequence[Path]) -> list[str]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from .runtime import atomic_write
+    from .files import atomic_write
 
     with atomic_write(path, "w") as handle:
         handle.write(text)
@@ -203,8 +203,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .datasets import load_dataset
-    from .evaluation import evaluate, format_table, write_reports
+    from .data.datasets import load_dataset
+    from .eval.protocol import evaluate, format_table, write_reports
 
     dataset = load_dataset(args.data, args.format, split=args.split, require_masks=not args.no_masks)
     if args.classes:
@@ -217,7 +217,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .datasets import load_dataset
+    from .data.datasets import load_dataset
     from .model import AnomalyCLIP
 
     dataset = load_dataset(args.data, args.format, split=args.split)

@@ -9,9 +9,25 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import CheckpointError, InvalidInputError
-from .preprocessing import OPENAI_MEAN, OPENAI_STD
 
-__all__ = ["AnomalyCLIPConfig", "FORMAT_VERSION", "DEFAULT_BACKBONE", "DPAM_MODES", "default_dpam_layers"]
+__all__ = [
+    "AnomalyCLIPConfig",
+    "FORMAT_VERSION",
+    "DEFAULT_BACKBONE",
+    "DPAM_MODES",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "default_dpam_layers",
+]
+
+#: File names of a saved model (``save_pretrained`` / ``from_pretrained``).
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+#: CLIP's image normalization (OpenAI), the default of ``AnomalyCLIPConfig.mean`` / ``std``.
+OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: Version of the ``config.json`` + ``model.safetensors`` format written by ``save_pretrained``.
 FORMAT_VERSION = 1

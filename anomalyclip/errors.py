@@ -14,6 +14,7 @@ __all__ = [
     "BackboneError",
     "WeightsNotFoundError",
     "DatasetError",
+    "TrainingError",
 ]
 
 
@@ -43,3 +44,7 @@ class WeightsNotFoundError(AnomalyCLIPError, FileNotFoundError):
 
 class DatasetError(AnomalyCLIPError, ValueError):
     """A data set is empty, malformed, or inconsistent (missing masks, wrong sizes, ...)."""
+
+
+class TrainingError(AnomalyCLIPError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the prompts are left as they were."""

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import WeightsNotFoundError
 
 __all__ = ["is_repo_id", "hub_download", "is_offline"]

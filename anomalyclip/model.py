@@ -17,25 +17,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbone import check_clip, load_clip, uses_quick_gelu
-from .config import DEFAULT_BACKBONE, AnomalyCLIPConfig, default_dpam_layers
+from .config import CONFIG_NAME, DEFAULT_BACKBONE, WEIGHTS_NAME, AnomalyCLIPConfig, default_dpam_layers
 from .errors import CheckpointError, InvalidInputError
 from .hub import hub_download, is_repo_id
 from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
+from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset
 from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
-from .runtime import atomic_path, atomic_write, resolve_device, resolve_dtype
+from .files import atomic_path, atomic_write, cache_root
+from .runtime import resolve_device, resolve_dtype
 from .scoring import anomaly_maps, image_scores
-from .thresholds import Thresholds
-from .training import finetune as _glocal_finetune
+from .eval.thresholds import Thresholds
 from .vision import encode_image
 
 __all__ = ["AnomalyCLIP", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 def _is_image_list(images: Any) -> bool:
@@ -135,7 +134,7 @@ class AnomalyCLIP(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike | None = None,
+        name_or_path: str | os.PathLike | OfficialPreset | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -158,16 +157,16 @@ class AnomalyCLIP(nn.Module):
             revision: Hub revision (branch, tag or commit) of a repo id.
             cache_dir: Hugging Face cache directory (also used for the backbone).
         """
-        from .presets import DEFAULT_PRESET, PRESETS, load_preset
-
         if name_or_path is None:
             name_or_path = DEFAULT_PRESET
+        overrides = dict(device=device, dtype=dtype, image_size=image_size, feature_layers=feature_layers)
+        if isinstance(name_or_path, OfficialPreset):
+            return cls._from_preset(name_or_path, cache_dir=cache_dir, **overrides)
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise InvalidInputError(f"name_or_path must be a string or path, got {type(name_or_path).__name__}.")
         name = os.fspath(name_or_path)
-        overrides = dict(device=device, dtype=dtype, image_size=image_size, feature_layers=feature_layers)
         if name in PRESETS:
-            return load_preset(name, cache_dir=cache_dir, **overrides)
+            return cls._from_preset(name, cache_dir=cache_dir, **overrides)
         path = Path(name).expanduser()
         if path.is_dir():
             config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -186,6 +185,35 @@ class AnomalyCLIP(nn.Module):
                 "('org/name'). Check the path."
             )
         return cls._from_files(config_file, weights_file, cache_dir=cache_dir, **overrides)
+
+    @classmethod
+    def _from_preset(
+        cls,
+        preset: str | OfficialPreset,
+        *,
+        device: str | torch.device | None,
+        dtype: str | torch.dtype | None,
+        image_size: int | None,
+        feature_layers: Sequence[int] | None,
+        cache_dir: str | os.PathLike | None,
+    ) -> "AnomalyCLIP":
+        """A preset, converted from its verified official checkpoint on first use and cached."""
+        preset = get_preset(preset)
+        converted = cache_root(cache_dir) / "converted" / preset.name
+        if not ((converted / CONFIG_NAME).is_file() and (converted / WEIGHTS_NAME).is_file()):
+            checkpoint = fetch_official_checkpoint(preset, cache_dir=cache_dir)
+            cls.from_official_checkpoint(checkpoint, clip=preset.backbone, cache_dir=cache_dir, device="cpu").save_pretrained(
+                converted
+            )
+        return cls._from_files(
+            converted / CONFIG_NAME,
+            converted / WEIGHTS_NAME,
+            device=device,
+            dtype=dtype,
+            image_size=image_size,
+            feature_layers=feature_layers,
+            cache_dir=cache_dir,
+        )
 
     @classmethod
     def _from_files(
@@ -478,7 +506,7 @@ class AnomalyCLIP(nn.Module):
             image_threshold: if given, results carry ``label = score > image_threshold``.
             pixel_threshold: if given, results carry ``mask = anomaly_map > pixel_threshold``.
             thresholds: both thresholds at once, e.g. from :meth:`calibrate` or
-                :class:`~anomalyclip.thresholds.Thresholds` (explicit thresholds take precedence).
+                :class:`~anomalyclip.eval.thresholds.Thresholds` (explicit thresholds take precedence).
             progress: show a tqdm progress bar.
 
         Returns:
@@ -501,7 +529,8 @@ class AnomalyCLIP(nn.Module):
             batches = tqdm(batches, desc="AnomalyCLIP", unit="batch")
         with torch.inference_mode():
             for start in batches:
-                prepared = [self._prepare(img) for img in items[start : start + batch_size]]
+                chunk = items[start : start + batch_size]
+                prepared = [self._prepare(img) for img in chunk]
                 pixel_values = torch.stack([self._preprocess_prepared(p) for p in prepared])
                 out = self(pixel_values)
                 for i, p in enumerate(prepared):
@@ -512,6 +541,7 @@ class AnomalyCLIP(nn.Module):
                             anomaly_map=amap[0, 0].float().cpu().numpy().astype(np.float32, copy=False),
                             image_threshold=image_threshold,
                             pixel_threshold=pixel_threshold,
+                            path=os.fspath(chunk[i]) if isinstance(chunk[i], (str, os.PathLike)) else None,
                         )
                     )
         return results[0] if single else results
@@ -524,7 +554,7 @@ class AnomalyCLIP(nn.Module):
         The image threshold is the ``quantile`` of their scores, the pixel threshold the
         ``quantile`` of all their map values (at the processing size S). Anything above is
         flagged: pass the result to ``predict(..., thresholds=...)``. For a labelled set use
-        :meth:`anomalyclip.thresholds.Thresholds.from_labelled` (F1-max) instead.
+        :meth:`anomalyclip.eval.thresholds.Thresholds.from_labelled` (F1-max) instead.
         """
         items = list(normal_images) if _is_image_list(normal_images) else [normal_images]
         if not items:
@@ -540,10 +570,16 @@ class AnomalyCLIP(nn.Module):
                 maps[start:end] = out.anomaly_maps.float().cpu().numpy()
         return Thresholds.from_normal(scores, maps, quantile=quantile)
 
-    #: Learn new prompts on auxiliary data with the paper's glocal training, in place:
-    #: ``model.finetune(data, ...)`` is :func:`anomalyclip.training.finetune` with this model
-    #: (every option and default is documented there). Returns a ``TrainingHistory``.
-    finetune = _glocal_finetune
+    def finetune(self, data: Any, **options: Any):
+        """Learn new prompts on auxiliary data with the paper's glocal training, in place.
+
+        ``model.finetune(data, output_dir=..., epochs=..., ...)`` runs
+        :func:`anomalyclip.train.finetune.finetune` on this model; every option and its default is
+        documented there. Returns a :class:`~anomalyclip.train.finetune.TrainingHistory`.
+        """
+        from .train.finetune import finetune
+
+        return finetune(self, data, **options)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -1,11 +1,19 @@
-"""Result types: the tensor output of ``model(pixel_values)`` and the friendly ``predict`` result."""
+"""Result types: the tensor output of ``model(pixel_values)`` and the friendly ``predict`` result.
+
+This module imports no torch (``AnomalyResult`` is plain numpy), so torch-free runtimes share it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AnomalyOutput", "AnomalyResult"]
 
@@ -40,16 +48,22 @@ class AnomalyResult:
         anomaly_map: float32 ``[H, W]`` pixel anomaly map at the input's original size.
         image_threshold: the threshold ``label`` was computed with, if any.
         pixel_threshold: the threshold ``mask`` was computed with, if any.
+        path: the image's file path when the input was a path, else None.
     """
 
     score: float
     anomaly_map: np.ndarray
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    path: str | None = None
 
     def __post_init__(self) -> None:
-        if self.anomaly_map.ndim != 2:
-            raise ValueError(f"anomaly_map: expected shape [H, W], got {tuple(self.anomaly_map.shape)}")
+        if not isinstance(self.anomaly_map, np.ndarray) or self.anomaly_map.ndim != 2:
+            shape = getattr(self.anomaly_map, "shape", None)
+            raise InvalidInputError(
+                f"AnomalyResult.anomaly_map: expected a numpy array of shape [H, W], got "
+                f"{type(self.anomaly_map).__name__} of shape {tuple(shape) if shape is not None else '?'}."
+            )
 
     @property
     def label(self) -> int | None:

@@ -14,14 +14,15 @@ PIL exactly as the official pipeline does; float inputs are resized per channel 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
+from .config import OPENAI_MEAN, OPENAI_STD
 from .errors import ImageLoadError, InvalidInputError
 
 __all__ = [
@@ -31,16 +32,20 @@ __all__ = [
     "PreparedImage",
     "load_image",
     "prepare_image",
+    "preprocess_array",
     "preprocess_image",
     "preprocess_images",
     "load_mask",
+    "mask_array",
     "preprocess_mask",
 ]
 
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+#: What the library accepts as one image (torch is imported only where a tensor is given).
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor"]
 
 # PIL modes that the official pipeline handles meaningfully with ``resize`` + ``convert("RGB")``.
 _SUPPORTED_PIL_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa")
@@ -144,7 +149,8 @@ def prepare_image(image: ImageInput) -> PreparedImage:
         return PreparedImage(pil=_check_pil_mode(img, f"file '{image}'"), array=None)
     if isinstance(image, Image.Image):
         return PreparedImage(pil=_check_pil_mode(image, "PIL image"), array=None)
-    if isinstance(image, torch.Tensor):
+    torch = sys.modules.get("torch")  # an input can only be a tensor if torch is already imported
+    if torch is not None and isinstance(image, torch.Tensor):
         t = image.detach()
         if t.ndim == 3:
             if t.shape[0] not in (1, 3, 4):
@@ -199,18 +205,34 @@ def _to_rgb_float(prepared: PreparedImage, size: int) -> np.ndarray:
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
+def preprocess_array(
+    image: ImageInput | PreparedImage,
+    size: int,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """Preprocess one image to a normalized float32 numpy array ``[3, size, size]`` (no torch).
+
+    The one implementation of the official preprocessing: :func:`preprocess_image` wraps it for
+    torch, and the ONNX runtime uses it as it is.
+    """
+    prepared = image if isinstance(image, PreparedImage) else prepare_image(image)
+    rgb = _to_rgb_float(prepared, size).transpose(2, 0, 1)  # [3, S, S]
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((rgb - mean_a) / std_a, dtype=np.float32)
+
+
 def preprocess_image(
     image: ImageInput | PreparedImage,
     size: int,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
-) -> torch.Tensor:
+) -> "torch.Tensor":
     """Preprocess one image to a normalized float32 tensor of shape ``[3, size, size]``."""
-    prepared = image if isinstance(image, PreparedImage) else prepare_image(image)
-    rgb = torch.from_numpy(np.ascontiguousarray(_to_rgb_float(prepared, size))).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (rgb - mean_t) / std_t
+    import torch
+
+    return torch.from_numpy(preprocess_array(image, size, mean, std))
 
 
 def preprocess_images(
@@ -218,8 +240,10 @@ def preprocess_images(
     size: int,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
-) -> torch.Tensor:
+) -> "torch.Tensor":
     """Preprocess a non-empty sequence of images to a float32 tensor ``[B, 3, size, size]``."""
+    import torch
+
     if len(images) == 0:
         raise InvalidInputError("Got an empty list of images; pass at least one image.")
     return torch.stack([preprocess_image(img, size, mean, std) for img in images])
@@ -230,15 +254,15 @@ def load_mask(path: str | os.PathLike) -> Image.Image:
     return load_image(path)
 
 
-def preprocess_mask(mask: str | os.PathLike | Image.Image | np.ndarray, size: int) -> torch.Tensor:
-    """Preprocess a ground-truth mask as the official evaluation does.
+def mask_array(mask: str | os.PathLike | Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """Preprocess a ground-truth mask as the official evaluation does (numpy, no torch).
 
     Any non-zero pixel is anomalous. The binary mask is scaled to 255 as an 8-bit 'L' image,
     PIL-resized to ``(size, size)`` with bilinear filtering, scaled to ``[0, 1]`` and thresholded
     at 0.5.
 
     Returns:
-        float32 tensor ``[size, size]`` with values in {0, 1}.
+        float32 ``[size, size]`` with values in {0, 1}.
     """
     if isinstance(mask, (str, os.PathLike)):
         mask = load_mask(mask)
@@ -253,5 +277,12 @@ def preprocess_mask(mask: str | os.PathLike | Image.Image | np.ndarray, size: in
     else:
         raise InvalidInputError(f"Unsupported mask type {_describe(mask)}; pass a path, PIL image or numpy array.")
     img = Image.fromarray(binary.astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
-    scaled = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    return (scaled > 0.5).to(torch.float32)
+    scaled = np.asarray(img, dtype=np.float32) / 255.0
+    return (scaled > 0.5).astype(np.float32)
+
+
+def preprocess_mask(mask: str | os.PathLike | Image.Image | np.ndarray, size: int) -> "torch.Tensor":
+    """:func:`mask_array` as a float32 tensor ``[size, size]`` with values in {0, 1}."""
+    import torch
+
+    return torch.from_numpy(mask_array(mask, size))

@@ -20,25 +20,22 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Mapping
 
-import torch
-
-from . import __version__
+from ._version import __version__
 from .config import DEFAULT_BACKBONE
 from .errors import CheckpointError, InvalidInputError, WeightsNotFoundError
 from .hub import is_offline
-from .runtime import atomic_path, resolve_device, resolve_dtype
+from .files import atomic_path, cache_root
 
 __all__ = [
     "OfficialPreset",
     "PRESETS",
     "DEFAULT_PRESET",
     "OFFICIAL_COMMIT",
-    "cache_root",
     "git_blob_sha1",
     "fetch_official_checkpoint",
-    "load_preset",
+    "get_preset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,16 +81,6 @@ PRESETS: Mapping[str, OfficialPreset] = MappingProxyType(
 DEFAULT_PRESET = "official-visa"
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where presets are cached: ``cache_dir``, else ``$ANOMALYCLIP_CACHE``, else ``~/.cache/anomalyclip``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser() / "anomalyclip"
-    env = os.environ.get("ANOMALYCLIP_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "anomalyclip"
-
-
 def git_blob_sha1(path: str | os.PathLike) -> str:
     """The git blob id of a file: ``sha1(b"blob <size>\\0" + content)``."""
     path = Path(path)
@@ -104,7 +91,8 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _get_preset(preset: str | OfficialPreset) -> OfficialPreset:
+def get_preset(preset: str | OfficialPreset) -> OfficialPreset:
+    """The :class:`OfficialPreset` named ``preset`` (an instance is returned as it is)."""
     if isinstance(preset, OfficialPreset):
         return preset
     if preset not in PRESETS:
@@ -153,7 +141,7 @@ def fetch_official_checkpoint(
         WeightsNotFoundError: not cached and cannot be downloaded; the message says how to
             install a local copy.
     """
-    preset = _get_preset(preset)
+    preset = get_preset(preset)
     target = cache_root(cache_dir) / "official" / preset.name / "epoch_15.pth"
     if source is None and target.is_file() and git_blob_sha1(target) == preset.git_blob_sha1:
         return target
@@ -187,28 +175,3 @@ def fetch_official_checkpoint(
             )
     logger.info("Verified and cached %s at %s", preset.name, target)
     return target
-
-
-def load_preset(
-    preset: str | OfficialPreset,
-    *,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    image_size: int | None = None,
-    feature_layers: Sequence[int] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-):
-    """Load a preset as an :class:`~anomalyclip.AnomalyCLIP`, converting and caching it on first use."""
-    from .model import CONFIG_NAME, WEIGHTS_NAME, AnomalyCLIP
-
-    preset = _get_preset(preset)
-    converted = cache_root(cache_dir) / "converted" / preset.name
-    if (converted / CONFIG_NAME).is_file() and (converted / WEIGHTS_NAME).is_file():
-        return AnomalyCLIP.from_pretrained(
-            converted, cache_dir=cache_dir, device=device, dtype=dtype, image_size=image_size, feature_layers=feature_layers
-        )
-    checkpoint = fetch_official_checkpoint(preset, cache_dir=cache_dir)
-    model = AnomalyCLIP.from_official_checkpoint(checkpoint, clip=preset.backbone, cache_dir=cache_dir)
-    model.save_pretrained(converted)
-    model.reconfigure(image_size=image_size, feature_layers=feature_layers)
-    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))

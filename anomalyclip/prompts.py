@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AnomalyCLIPConfig
-from .vision import attention
+from .ops import attention
 
 __all__ = ["PromptLearner", "prompt_texts", "tokenize_prompts", "encode_prompts", "PROMPT_KEYS"]
 

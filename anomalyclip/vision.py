@@ -40,7 +40,6 @@ about 1.2 TFLOP per image for ViT-L/14 at 518 px, is matrix products):
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,22 +48,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError
+from .ops import (
+    attention,
+    get_cpu_low_precision_matmul,
+    linear,
+    matmul_dtype,
+    out_proj,
+    project,
+    qkv_heads,
+    sdpa,
+    set_cpu_low_precision_matmul,
+    split_heads,
+)
 
 __all__ = [
     "VisionFeatures",
     "encode_image",
     "resize_positional_embedding",
-    "attention",
-    "qkv_heads",
     "embed_patches",
     "CPU_TOKENS_PER_CHUNK",
     "get_cpu_low_precision_matmul",
     "set_cpu_low_precision_matmul",
     "compile_blocks",
 ]
-
-_CPU_LOW_PRECISION_POLICIES = ("auto", "native", "float32")
-_cpu_low_precision_matmul = "auto"  # process-wide, like torch.backends flags; see the setter
 
 
 @dataclass
@@ -100,125 +106,6 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
-# ----------------------------------------------------------------------------- matrix products
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_fast_kernel(dtype: torch.dtype) -> bool:
-    """Whether PyTorch's CPU matrix products in ``dtype`` go to oneDNN (else: a slow generic loop)."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):  # no oneDNN in this build: trust the native path
-        return True
-    return True
-
-
-def set_cpu_low_precision_matmul(policy: str) -> str:
-    """Choose how bfloat16 / float16 matrix products and attention run on the CPU (process-wide).
-
-    Args:
-        policy: ``"auto"`` (the default: in float32 when this PyTorch build has no fast oneDNN
-            kernel for the dtype on this CPU, e.g. AVX2-only x86 where bfloat16 GEMMs run about
-            15x slower than float32; natively otherwise), ``"native"`` (always in the dtype) or
-            ``"float32"`` (always in float32). Inputs and results keep the model's dtype either
-            way; only the arithmetic in between differs.
-
-    Returns:
-        The previous policy, to restore it later.
-    """
-    global _cpu_low_precision_matmul
-    if policy not in _CPU_LOW_PRECISION_POLICIES:
-        raise InvalidInputError(
-            f"Unknown CPU low-precision matmul policy {policy!r}; use one of {', '.join(_CPU_LOW_PRECISION_POLICIES)}."
-        )
-    previous, _cpu_low_precision_matmul = _cpu_low_precision_matmul, policy
-    return previous
-
-
-def get_cpu_low_precision_matmul() -> str:
-    """The current policy of :func:`set_cpu_low_precision_matmul`."""
-    return _cpu_low_precision_matmul
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """float32 if ``x``'s matrix products should be computed in float32 (see set_cpu_low_precision_matmul)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    policy = _cpu_low_precision_matmul
-    if policy == "native" or (policy == "auto" and _cpu_has_fast_kernel(x.dtype)):
-        return None
-    return torch.float32
-
-
-def _linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, alpha: float = 1.0, beta: float = 1.0
-) -> torch.Tensor:
-    """``beta * bias + alpha * x @ weight^T`` over the last dimension of ``x``, in ``x``'s dtype."""
-    dtype = x.dtype
-    up = _matmul_dtype(x)
-    if up is not None:
-        x, weight = x.to(up), weight.to(up)
-        bias = bias.to(up) if bias is not None else None
-    x2 = x.reshape(-1, x.shape[-1])
-    if bias is None:
-        out = torch.mm(x2, weight.t())
-        if alpha != 1.0:
-            out.mul_(alpha)
-    elif alpha == 1.0 and beta == 1.0:
-        out = F.linear(x2, weight, bias)
-    else:
-        out = torch.addmm(bias, x2, weight.t(), beta=beta, alpha=alpha)
-    return out.to(dtype).view(*x.shape[:-1], weight.shape[0])
-
-
-def _project(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """``x @ proj`` for a ``[W, D]`` projection matrix."""
-    return _linear(x, proj.t(), None)
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """``scaled_dot_product_attention`` (fused); in float32 where :func:`_linear` would be."""
-    up = _matmul_dtype(q)
-    if up is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return F.scaled_dot_product_attention(q.to(up), k.to(up), v.to(up), is_causal=causal).to(q.dtype)
-
-
-def qkv_heads(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Project ``x [B, N, W]`` with the attention's packed in-projection to q, k, v ``[B, H, N, W/H]`` (views)."""
-    b, n, w = x.shape
-    heads = attn.num_heads
-    qkv = _linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3W]
-    qkv = qkv.view(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, W/H]
-    return qkv[0], qkv[1], qkv[2]
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``[..., H, N, W/H] -> [..., N, W]``."""
-    *lead, h, n, d = x.shape
-    return x.transpose(-3, -2).reshape(*lead, n, h * d)
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, N, W] -> [B, H, N, W/H]`` (a view)."""
-    b, n, w = x.shape
-    return x.view(b, n, heads, w // heads).transpose(1, 2)
-
-
-def _out_proj(attn: nn.MultiheadAttention, o: torch.Tensor) -> torch.Tensor:
-    """The out-projection of per-head attention outputs ``[B, H, N, d] -> [B, N, W]``."""
-    return _linear(merge_heads(o), attn.out_proj.weight, attn.out_proj.bias)
-
-
-def attention(block: nn.Module, x: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """Standard multi-head self-attention of an open_clip block on ``x [B, N, W]`` (already ln_1'd)."""
-    q, k, v = qkv_heads(block.attn, x)
-    return _out_proj(block.attn, _sdpa(q, k, v, causal=causal))
-
-
 # ----------------------------------------------------------------------------- blocks
 
 # QuickGELU(x) = x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: with the two factors folded into the
@@ -240,14 +127,14 @@ def _fast_mlp_ok(mlp: nn.Module) -> bool:
 def _mlp(mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
     """``mlp(x)``; with ``fast`` and a QuickGELU MLP: two GEMMs and one in-place silu."""
     if not (fast and _fast_mlp_ok(mlp)):
-        if _matmul_dtype(x) is None:
+        if matmul_dtype(x) is None:
             return mlp(x)
         fc, act, proj = mlp.c_fc, mlp.gelu, mlp.c_proj
-        return _linear(act(_linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
+        return linear(act(linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
     fc, proj = mlp.c_fc, mlp.c_proj
-    y = _linear(x, fc.weight, fc.bias, alpha=_QUICK_GELU_SCALE, beta=_QUICK_GELU_SCALE)
+    y = linear(x, fc.weight, fc.bias, alpha=_QUICK_GELU_SCALE, beta=_QUICK_GELU_SCALE)
     F.silu(y, inplace=True)  # 1.702 * QuickGELU(fc(x))
-    return _linear(y, proj.weight, proj.bias, alpha=1.0 / _QUICK_GELU_SCALE)
+    return linear(y, proj.weight, proj.bias, alpha=1.0 / _QUICK_GELU_SCALE)
 
 
 def _add_residual(residual: torch.Tensor, ls: nn.Module, update: torch.Tensor, fast: bool) -> torch.Tensor:
@@ -268,9 +155,9 @@ def _cls_query_qkv(
     """q of the class token only ``[B, H, 1, d]``, k and v of all tokens ``[B, H, N, d]``."""
     width, heads = x.shape[-1], attn.num_heads
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    kv = _linear(x, weight[width:], bias[width:] if bias is not None else None)  # [B, N, 2W]
-    q = _linear(x[:, :1], weight[:width], bias[:width] if bias is not None else None)  # [B, 1, W]
-    return _heads(q, heads), _heads(kv[..., :width], heads), _heads(kv[..., width:], heads)
+    kv = linear(x, weight[width:], bias[width:] if bias is not None else None)  # [B, N, 2W]
+    q = linear(x[:, :1], weight[:width], bias[:width] if bias is not None else None)  # [B, 1, W]
+    return split_heads(q, heads), split_heads(kv[..., :width], heads), split_heads(kv[..., width:], heads)
 
 
 def _standard_block(block: nn.Module, h: torch.Tensor, fast: bool, cls_only: bool = False) -> torch.Tensor:
@@ -278,7 +165,7 @@ def _standard_block(block: nn.Module, h: torch.Tensor, fast: bool, cls_only: boo
     x = block.ln_1(h)
     if cls_only:
         q, k, v = _cls_query_qkv(block.attn, x)
-        o = _out_proj(block.attn, _sdpa(q, k, v))
+        o = out_proj(block.attn, sdpa(q, k, v))
         h = _add_residual(h[:, :1], block.ls_1, o, fast)
     else:
         h = _add_residual(h, block.ls_1, attention(block, x), fast)
@@ -302,8 +189,8 @@ def _dpam_block(
     if last:
         q = q[:, :, :1]
     # Two fused attention calls on views of the one projection (no N x N matrices, no copies).
-    o = _out_proj(attn, _sdpa(q, k, v))
-    a = _out_proj(attn, _sdpa(s, s, v))
+    o = out_proj(attn, sdpa(q, k, v))
+    a = out_proj(attn, sdpa(s, s, v))
     h = _mlp_residual(block, _add_residual(h[:, :1] if last else h, block.ls_1, o, fast), fast)
     return h, _add_residual(z, block.ls_1, a, fast)
 
@@ -312,7 +199,7 @@ def embed_patches(visual: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor
     """Patch embedding + class token + (resized) positional embedding + ``ln_pre``: ``[B, N, W]``."""
     conv = visual.conv1
     x = pixel_values.to(conv.weight.dtype)
-    if _matmul_dtype(x) is not None:
+    if matmul_dtype(x) is not None:
         x = F.conv2d(x.float(), conv.weight.float(), None, conv.stride).to(x.dtype)  # [B, W, G, G]
     else:
         x = conv(x)
@@ -401,14 +288,14 @@ def _encode_image(
         if index < first_dpam:
             h = standard(block, h, fast, cls_only=last and index not in wanted)
             if index in wanted:
-                patch_features[index] = _project(ln_post(h), proj)
+                patch_features[index] = project(ln_post(h), proj)
             continue
         if z is None:
             z = h
         h, z = dpam(block, h, z, dpam_mode, last=last, fast=fast)
         if index in wanted:
-            patch_features[index] = _project(ln_post(z), proj)
-    image_features = _project(h[:, 0], proj)
+            patch_features[index] = project(ln_post(z), proj)
+    image_features = project(h[:, 0], proj)
     return VisionFeatures(image_features=image_features, patch_features=patch_features)
 
 

@@ -40,7 +40,7 @@ from PIL import Image
 
 from .errors import InvalidInputError
 from .preprocessing import load_image
-from .runtime import atomic_write
+from .files import atomic_write
 
 __all__ = [
     "COLORMAPS",

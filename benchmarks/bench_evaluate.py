@@ -1,6 +1,6 @@
 """Peak memory and time of ``anomalyclip.evaluate`` on a large data set.
 
-Writes a synthetic MVTec-AD-layout data set (``anomalyclip.synthetic``, half the images anomalous
+Writes a synthetic MVTec-AD-layout data set (``anomalyclip.data.synthetic``, half the images anomalous
 with masks) and evaluates the tiny random CLIP of the test fixtures on it at S = 518 (the paper's
 size: the maps and masks the protocol holds have the same size for every backbone, so the
 memory of the evaluation itself is that of a real run; only the model's own memory differs).
@@ -34,8 +34,8 @@ import torch
 from bench_inference import PeakMemory  # same peak-RSS measurement (benchmarks/ is on sys.path)
 
 from anomalyclip import AnomalyCLIP, evaluate, load_dataset
-from anomalyclip.evaluation import format_table
-from anomalyclip.synthetic import make_synthetic_dataset
+from anomalyclip.eval.protocol import format_table
+from anomalyclip.data.synthetic import make_synthetic_dataset
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
 

@@ -1,6 +1,6 @@
 """Time per training epoch of ``finetune`` with and without the feature cache.
 
-Builds a synthetic auxiliary set (``anomalyclip.synthetic``, MVTec-like folder layout, half the
+Builds a synthetic auxiliary set (``anomalyclip.data.synthetic``, MVTec-like folder layout, half the
 images anomalous with masks) and trains fresh prompts with the paper's settings (Adam 1e-3,
 batch 8) on a backbone, once per cache mode:
 
@@ -44,9 +44,9 @@ import torch
 
 from anomalyclip import AnomalyCLIP
 from anomalyclip.backbone import load_clip
-from anomalyclip.datasets import load_dataset
-from anomalyclip.synthetic import make_synthetic_dataset
-from anomalyclip.training import finetune
+from anomalyclip.data.datasets import load_dataset
+from anomalyclip.data.synthetic import make_synthetic_dataset
+from anomalyclip.train.finetune import finetune
 
 TINY_CLIP = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "tiny-clip"
 MODES = ("none", "memory", "disk", "memory-fp16")

@@ -1,4 +1,4 @@
-"""Benchmark anomalyclip.metrics against the straightforward official evaluation code.
+"""Benchmark anomalyclip.eval.metrics against the straightforward official evaluation code.
 
 Builds synthetic float32 anomaly maps and masks (one class of a data set: by default 200 maps of
 518 x 518, half of them with anomalous blobs), then times:
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from anomalyclip import metrics
+from anomalyclip.eval import metrics
 
 
 def synthetic_class(n_maps: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

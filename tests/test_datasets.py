@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalyclip.datasets import (
+from anomalyclip.data.datasets import (
     FORMATS,
     AnomalyDataset,
     Sample,
@@ -25,7 +25,7 @@ from anomalyclip.datasets import (
 )
 from anomalyclip.errors import DatasetError, ImageLoadError, InvalidInputError
 from anomalyclip.preprocessing import preprocess_image, preprocess_mask
-from anomalyclip.synthetic import DEFECT_TYPES, make_synthetic_arrays, make_synthetic_dataset
+from anomalyclip.data.synthetic import DEFECT_TYPES, make_synthetic_arrays, make_synthetic_dataset
 
 SIZE = (32, 40)  # (H, W): small and not square, so width/height mix-ups show
 S = 24  # processing size for SampleLoader tests

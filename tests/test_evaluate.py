@@ -17,8 +17,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from anomalyclip import AnomalyCLIP, DatasetError, evaluate, load_dataset
 from anomalyclip.cli import main
-from anomalyclip.evaluation import METRIC_NAMES, format_table
-from anomalyclip.synthetic import make_synthetic_dataset
+from anomalyclip.eval.protocol import METRIC_NAMES, format_table
+from anomalyclip.data.synthetic import make_synthetic_dataset
 
 from .conftest import OFFICIAL_PTH, TINY_CLIP_REF
 

@@ -1,7 +1,7 @@
 """Glocal training: it learns, it is deterministic, the feature cache changes nothing but the time,
 checkpoints resume exactly, and bad data is rejected with errors naming the files.
 
-Everything runs on the tiny golden CLIP with synthetic textures (anomalyclip.synthetic).
+Everything runs on the tiny golden CLIP with synthetic textures (anomalyclip.data.synthetic).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomalyclip import AnomalyCLIP
-from anomalyclip import training
-from anomalyclip.datasets import Sample, load_dataset
+from anomalyclip.train import finetune as training
+from anomalyclip.data.datasets import Sample, load_dataset
 from anomalyclip.errors import CheckpointError, DatasetError, ImageLoadError, InvalidInputError
 from anomalyclip.preprocessing import preprocess_mask
-from anomalyclip.synthetic import make_synthetic_dataset
-from anomalyclip.training import STATE_NAME, finetune
+from anomalyclip.data.synthetic import make_synthetic_dataset
+from anomalyclip.train.finetune import STATE_NAME, finetune
 
 from .conftest import TINY_CLIP_REF
 

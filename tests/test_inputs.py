@@ -170,7 +170,7 @@ def test_forward_rejects_bad_tensors(golden_model, bad, message):
 
 
 def test_calibrate_on_normal_images_flags_above_the_quantile(golden_model):
-    from anomalyclip.thresholds import Thresholds
+    from anomalyclip.eval.thresholds import Thresholds
 
     normal = [IMAGE_B, np.asarray(Image.open(IMAGE_B))[::-1].copy()]
     thresholds = golden_model.calibrate(normal, quantile=1.0)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from anomalyclip.errors import InvalidInputError
-from anomalyclip.losses import LOCAL_WEIGHT, dice_loss, focal_loss, glocal_loss, local_loss
+from anomalyclip.train.losses import LOCAL_WEIGHT, dice_loss, focal_loss, glocal_loss, local_loss
 from anomalyclip.scoring import patch_probability_maps
-from anomalyclip.training import batch_losses
+from anomalyclip.train.finetune import batch_losses
 
 from .conftest import IMAGE_A, IMAGE_B
 

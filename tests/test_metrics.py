@@ -1,4 +1,4 @@
-"""anomalyclip.metrics against scikit-learn and the official (scikit-image) AUPRO loop."""
+"""anomalyclip.eval.metrics against scikit-learn and the official (scikit-image) AUPRO loop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scipy import ndimage
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 measure = pytest.importorskip("skimage.measure")
 
-from anomalyclip import metrics  # noqa: E402
+from anomalyclip.eval import metrics  # noqa: E402
 from anomalyclip.errors import InvalidInputError  # noqa: E402
 
 TOL = 1e-6
@@ -123,7 +123,7 @@ def test_image_metrics_edge_cases_match_sklearn(scores, labels):
 
 @pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1], [False, False, False]])
 def test_image_metrics_single_class_are_nan_and_warn(labels, caplog):
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.eval.metrics"):
         for fn in (metrics.image_auroc, metrics.image_ap, metrics.image_f1_max):
             assert math.isnan(fn([0.1, 0.5, 0.9], labels))
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
@@ -255,7 +255,7 @@ def test_constant_maps():
 def test_pixel_metrics_single_class_are_nan(fill, caplog):
     masks = np.full((2, 8, 8), fill, dtype=np.uint8)
     maps = np.random.default_rng(0).random(masks.shape)
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.eval.metrics"):
         for fn in (metrics.pixel_auroc, metrics.pixel_ap, metrics.pixel_f1_max, metrics.pixel_aupro):
             assert math.isnan(fn(maps, masks))
     assert "undefined" in caplog.text
@@ -266,7 +266,7 @@ def test_aupro_no_threshold_below_max_fpr_is_nan(caplog):
     masks = np.zeros((2, 10, 10), dtype=np.uint8)
     masks[:, :3] = 1
     maps = np.where(masks == 1, 0.0, 1.0).astype(np.float32)
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.eval.metrics"):
         assert math.isnan(metrics.pixel_aupro(maps, masks))
     assert "fewer than two distinct FPR" in caplog.text and "(0 threshold(s) kept)" in caplog.text
     with pytest.raises(ValueError):
@@ -283,7 +283,7 @@ def test_aupro_one_threshold_below_max_fpr_is_nan(caplog):
     maps = np.zeros((1, 10, 10), dtype=np.float32)
     maps[masks == 0] = normal
     maps[0, 0, :5] = np.linspace(0.2, 0.8, 5)
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.eval.metrics"):
         assert math.isnan(metrics.pixel_aupro(maps, masks))
     assert "(1 threshold(s) kept)" in caplog.text
     with np.errstate(invalid="ignore"), pytest.raises(ValueError):
@@ -297,7 +297,7 @@ def test_aupro_all_fprs_equal_is_nan_like_official(caplog):
     maps = np.where(masks == 1, 0.5 + 0.5 * rng.random(masks.shape), 0.0).astype(np.float32)
     with np.errstate(invalid="ignore"):  # official: 0 / 0 in the FPR rescale
         assert math.isnan(cal_pro_score(masks, maps))
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.eval.metrics"):
         assert math.isnan(metrics.pixel_aupro(maps, masks))
     assert "(200 threshold(s) kept)" in caplog.text
 

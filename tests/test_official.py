@@ -11,7 +11,7 @@ import torch
 
 from anomalyclip import AnomalyCLIP, BackboneError, CheckpointError, WeightsNotFoundError
 from anomalyclip.backbone import check_clip, load_clip
-from anomalyclip.presets import OfficialPreset, fetch_official_checkpoint, git_blob_sha1, load_preset
+from anomalyclip.presets import OfficialPreset, fetch_official_checkpoint, git_blob_sha1
 
 from .conftest import IMAGE_A, OFFICIAL_PTH, TINY_CLIP, TINY_CLIP_REF
 
@@ -141,13 +141,13 @@ def test_install_from_local_file_then_load_preset(local_preset, tmp_path, golden
     """Offline path: a local copy stands in for the download; conversion and caching follow."""
     cache = tmp_path / "cache"
     fetch_official_checkpoint(local_preset, source=OFFICIAL_PTH, cache_dir=cache)
-    model = load_preset(local_preset, cache_dir=cache, device="cpu")
+    model = AnomalyCLIP.from_pretrained(local_preset, cache_dir=cache, device="cpu")
     converted = cache / "anomalyclip" / "converted" / "tiny-test"
     assert (converted / "config.json").is_file() and (converted / "model.safetensors").is_file()
     result = model.predict(IMAGE_A)
     assert abs(result.score - float(golden["a.top.score"])) < 1e-4
     # Later loads use the converted copy, with overrides applied.
-    again = load_preset(local_preset, cache_dir=cache, device="cpu", feature_layers=(6, 12, 18, 24))
+    again = AnomalyCLIP.from_pretrained(local_preset, cache_dir=cache, device="cpu", feature_layers=(6, 12, 18, 24))
     assert again.config.feature_layers == (6, 12, 18, 24)
     assert abs(again.predict(IMAGE_A).score - float(golden["a.multi.score"])) < 1e-4
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, CheckpointError, InvalidInputError, WeightsNotFoundError
-from anomalyclip import vision
+from anomalyclip import ops, vision
 
 from .conftest import IMAGE_A
 
@@ -233,12 +233,12 @@ def test_cpu_low_precision_matmul_policies(golden_model, tmp_path, cpu_matmul_po
     for policy, arithmetic in (("float32", torch.float32), ("native", None)):
         assert cpu_matmul_policy(policy) in ("auto", "native", "float32")
         assert vision.get_cpu_low_precision_matmul() == policy
-        assert vision._matmul_dtype(probe) is arithmetic
+        assert ops.matmul_dtype(probe) is arithmetic
         with torch.inference_mode():
             o32, o_low = m32(px), low(px)
         assert (o_low.scores - o32.scores).abs().max() < 0.02, policy
         assert (o_low.anomaly_maps - o32.anomaly_maps).abs().max() < 0.1, policy
-    assert vision._matmul_dtype(torch.empty(0)) is None  # float32 weights are never touched
+    assert ops.matmul_dtype(torch.empty(0)) is None  # float32 weights are never touched
     with pytest.raises(InvalidInputError, match="auto, native, float32"):
         cpu_matmul_policy("fp32")
     assert vision.get_cpu_low_precision_matmul() == "native"  # a refused value changes nothing

@@ -1,4 +1,4 @@
-"""anomalyclip.thresholds: quantile and F1-max thresholds, the strict decision rule, JSON round trip."""
+"""anomalyclip.eval.thresholds: quantile and F1-max thresholds, the strict decision rule, JSON round trip."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from scipy import ndimage
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
-from anomalyclip import metrics  # noqa: E402
+from anomalyclip.eval import metrics  # noqa: E402
 from anomalyclip.errors import InvalidInputError  # noqa: E402
-from anomalyclip.thresholds import (  # noqa: E402
+from anomalyclip.eval.thresholds import (  # noqa: E402
     Thresholds,
     is_anomalous,
     threshold_f1_max,

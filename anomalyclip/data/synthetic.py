@@ -29,13 +29,13 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 __all__ = ["LAYOUTS", "DEFECT_TYPES", "make_synthetic_arrays", "make_synthetic_dataset"]
 
 logger = logging.getLogger(__name__)
 
-#: Layouts :func:`make_synthetic_dataset` writes (the formats of :func:`anomalyclip.datasets.load_dataset`).
+#: Layouts :func:`make_synthetic_dataset` writes (the formats of :func:`anomalyclip.data.datasets.load_dataset`).
 LAYOUTS: tuple[str, ...] = ("mvtec", "folder", "visa", "meta")
 #: Defect types; anomalous image ``j`` gets ``DEFECT_TYPES[j % 2]``.
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "blob")

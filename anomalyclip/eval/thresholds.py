@@ -7,7 +7,7 @@ Two ways to pick a threshold:
     * :func:`threshold_from_normal`: a quantile of the values of *normal* images only (no labels
       needed): at ``quantile=0.99`` about 1 % of normal values lie above it and are flagged.
     * :func:`threshold_f1_max`: on a labelled set, the threshold whose decisions reach the
-      F1-max of :mod:`anomalyclip.metrics` (same precision-recall computation).
+      F1-max of :mod:`anomalyclip.eval.metrics` (same precision-recall computation).
 
 Returned thresholds are representable in the values' dtype (a float32 value for float32 maps),
 so comparing float32 or float64 copies of the data against them gives the same decisions.
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .errors import InvalidInputError
-from .metrics import _as_values, _f1_curve, _image_inputs, _pixel_inputs, _rank_counts
+from ..errors import InvalidInputError
+from .metrics import as_values, f1_curve, image_inputs, pixel_inputs, rank_counts
 
 __all__ = ["is_anomalous", "threshold_from_normal", "threshold_f1_max", "Thresholds"]
 
@@ -47,9 +47,9 @@ def _values_and_labels(values: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray
     """Validate ``(scores [N], labels [N])`` or ``(maps [N, H, W], masks [N, H, W])``."""
     ndim = np.ndim(values)
     if ndim == 1:
-        return _image_inputs(values, labels)
+        return image_inputs(values, labels)
     if ndim == 3:
-        return _pixel_inputs(values, labels)
+        return pixel_inputs(values, labels)
     raise InvalidInputError(
         f"expected image scores [N] or maps [N, H, W], got values of shape {list(np.shape(values))}."
     )
@@ -71,7 +71,7 @@ def threshold_from_normal(values: ArrayLike, quantile: float = 0.99) -> float:
     """
     if isinstance(quantile, bool) or not isinstance(quantile, (int, float, np.floating)) or not 0 <= quantile <= 1:
         raise InvalidInputError(f"quantile must be a number in [0, 1], got {quantile!r}.")
-    array = _as_values(values, "values")
+    array = as_values(values, "values")
     threshold = np.quantile(array.reshape(-1), float(quantile))
     return float(array.dtype.type(threshold))
 
@@ -79,7 +79,7 @@ def threshold_from_normal(values: ArrayLike, quantile: float = 0.99) -> float:
 def threshold_f1_max(values: ArrayLike, labels: ArrayLike) -> float:
     """The threshold whose decisions ``values > threshold`` reach the F1-max on a labelled set.
 
-    Uses the precision-recall computation of :mod:`anomalyclip.metrics`: the best cut keeps every
+    Uses the precision-recall computation of :mod:`anomalyclip.eval.metrics`: the best cut keeps every
     value >= some data value ``v``; the returned threshold lies in ``[u, v)`` where ``u`` is the
     next lower data value (the midpoint when the dtype can represent it, else ``u``), so the
     strict rule flags exactly the values >= ``v``. If ``v`` is the smallest value, the threshold is
@@ -99,8 +99,8 @@ def threshold_f1_max(values: ArrayLike, labels: ArrayLike) -> float:
             "threshold_f1_max needs both normal and anomalous examples; "
             f"got {n_pos} anomalous out of {truth.size}. Use threshold_from_normal for normal-only data."
         )
-    counts = _rank_counts(array, truth)
-    best = int(np.argmax(_f1_curve(counts)))
+    counts = rank_counts(array, truth)
+    best = int(np.argmax(f1_curve(counts)))
     cut = counts.thresholds[best]
     lower = counts.neg_below[best]
     if best + 1 < counts.thresholds.size:
@@ -185,10 +185,10 @@ class Thresholds:
             raise InvalidInputError("Thresholds.from_labelled needs scores+labels and/or maps+masks.")
         image = pixel = None
         if scores is not None:
-            scores_array, label_array = _image_inputs(scores, labels)
+            scores_array, label_array = image_inputs(scores, labels)
             image = threshold_f1_max(scores_array, label_array)
         if maps is not None:
-            map_array, mask_array = _pixel_inputs(maps, masks)
+            map_array, mask_array = pixel_inputs(maps, masks)
             pixel = threshold_f1_max(map_array, mask_array)
         return cls(image=image, pixel=pixel)
 

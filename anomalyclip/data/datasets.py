@@ -49,8 +49,8 @@ from typing import Any, overload
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DatasetError, InvalidInputError
-from .preprocessing import load_mask, prepare_image, preprocess_image, preprocess_mask
+from ..errors import DatasetError, InvalidInputError
+from ..preprocessing import load_mask, prepare_image, preprocess_image, preprocess_mask
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -140,7 +140,7 @@ class AnomalyDataset(Sequence[Sample]):
             if not isinstance(item, Sample):
                 raise InvalidInputError(
                     f"AnomalyDataset holds Sample objects, got {type(item).__qualname__}; build them with "
-                    "anomalyclip.datasets.Sample(image_path, mask_path, label, class_name, defect)."
+                    "anomalyclip.data.datasets.Sample(image_path, mask_path, label, class_name, defect)."
                 )
         self._samples = items
         self._root = Path(root)
@@ -772,7 +772,7 @@ class SampleLoader(Dataset):
         for item in items:
             if not isinstance(item, Sample):
                 raise InvalidInputError(
-                    f"SampleLoader takes anomalyclip.datasets.Sample objects, got {type(item).__qualname__}."
+                    f"SampleLoader takes anomalyclip.data.datasets.Sample objects, got {type(item).__qualname__}."
                 )
         self.samples = items
         self.image_size = image_size

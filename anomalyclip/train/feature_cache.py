@@ -1,4 +1,4 @@
-"""The feature cache of :func:`anomalyclip.training.finetune`: frozen vision features, computed once.
+"""The feature cache of :func:`anomalyclip.train.finetune.finetune`: frozen vision features, computed once.
 
 Training uses no augmentation and the vision encoder is frozen, so an image's vision features
 never change from one epoch to the next. The cache stores, per image (by its index in the
@@ -31,9 +31,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import DatasetError, ImageLoadError, InvalidInputError
-from .preprocessing import preprocess_image
-from .runtime import atomic_path
+from ..errors import DatasetError, ImageLoadError, InvalidInputError
+from ..preprocessing import preprocess_image
+from ..files import atomic_path, cache_root
 
 __all__ = [
     "FeatureCache",
@@ -250,7 +250,7 @@ class DiskFeatureCache(FeatureCache):
 
 def default_cache_dir() -> Path:
     """``$ANOMALYCLIP_CACHE/features``, else ``~/.cache/anomalyclip/features``."""
-    from .presets import cache_root
+
 
     return cache_root() / "features"
 

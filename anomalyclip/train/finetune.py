@@ -4,10 +4,10 @@ Only the prompts train (context vectors and deep prompts, see
 :class:`~anomalyclip.prompts.PromptLearner`); CLIP is frozen and its vision pass runs without
 gradients. Losses, optimizer and defaults follow REFERENCE.md, "Training": Adam (lr 1e-3, betas
 (0.5, 0.999)), batch 8, 15 epochs, seed 111, shuffled; loss ``4 * local + global``
-(:func:`anomalyclip.losses.glocal_loss`). Image size and output layers come from the model's
+(:func:`anomalyclip.train.losses.glocal_loss`). Image size and output layers come from the model's
 config (``model.reconfigure(image_size=..., feature_layers=...)``).
 
-Feature cache (:mod:`anomalyclip.feature_cache`). The vision encoder is frozen and there is no
+Feature cache (:mod:`anomalyclip.train.feature_cache`). The vision encoder is frozen and there is no
 augmentation, so an image's vision features never change. With ``feature_cache="memory"`` (the
 default) or ``"disk"``, every image is encoded once, before the first epoch, and its global
 feature ``[D]`` and per-layer patch features ``[N, D]`` are stored in ``cache_dtype``; each epoch
@@ -42,11 +42,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from .errors import CheckpointError, DatasetError, ImageLoadError, InvalidInputError
+from ..config import CONFIG_NAME, WEIGHTS_NAME
+from ..errors import CheckpointError, DatasetError, ImageLoadError, InvalidInputError
 from .feature_cache import FeatureCache, ImageReader, fill_feature_cache, format_bytes, make_feature_cache
 from .losses import GlocalLoss, glocal_loss
-from .preprocessing import load_mask, preprocess_mask
-from .runtime import atomic_path, atomic_write, resolve_dtype
+from ..preprocessing import load_mask, preprocess_mask
+from ..files import atomic_path, atomic_write
+from ..runtime import resolve_dtype
 
 __all__ = [
     "finetune",
@@ -147,7 +149,7 @@ def _as_samples(data: Any) -> list[Any]:
     if isinstance(data, (str, os.PathLike)):
         raise InvalidInputError(
             f"finetune takes a data set, not a path ({os.fspath(data)!r}); load it first with "
-            "anomalyclip.datasets.load_dataset(root, format)."
+            "anomalyclip.data.datasets.load_dataset(root, format)."
         )
     try:
         samples = list(data)
@@ -158,7 +160,7 @@ def _as_samples(data: Any) -> list[Any]:
     for s in samples[:1]:
         if not all(hasattr(s, a) for a in ("image_path", "mask_path", "label")):
             raise InvalidInputError(
-                f"finetune needs samples with image_path, mask_path and label (anomalyclip.datasets.Sample), "
+                f"finetune needs samples with image_path, mask_path and label (anomalyclip.data.datasets.Sample), "
                 f"got {type(s).__name__}."
             )
     return samples
@@ -172,7 +174,7 @@ def _list_files(paths: Sequence[Any], limit: int = 5) -> str:
 def _check_samples(samples: list[Any]) -> None:
     """Reject what training cannot use, naming the files: no samples, bad labels, no anomalies,
     anomalous images without masks, missing files. (A class without anomalous images is fine for
-    training; :mod:`anomalyclip.datasets` warns about it.)"""
+    training; :mod:`anomalyclip.data.datasets` warns about it.)"""
     if not samples:
         raise DatasetError("The training data set is empty; check the data root and format (no images found).")
     bad_labels = [s.image_path for s in samples if s.label not in (0, 1)]
@@ -199,7 +201,7 @@ class MaskStore:
     """Preprocessed ground-truth masks at the processing size, packed 8 pixels per byte.
 
     Only anomalous samples are stored; normal images have all-zero masks (a mask file of a normal
-    sample is ignored, as :class:`anomalyclip.datasets.SampleLoader` does).
+    sample is ignored, as :class:`anomalyclip.data.datasets.SampleLoader` does).
     """
 
     def __init__(self, size: int) -> None:
@@ -338,7 +340,6 @@ def _epoch_dirs(directory: Path) -> list[tuple[int, Path]]:
 
 
 def _is_complete(checkpoint: Path) -> bool:
-    from .model import CONFIG_NAME, WEIGHTS_NAME
 
     return all((checkpoint / n).is_file() for n in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME))
 
@@ -424,7 +425,6 @@ def _resume(
     Raises:
         CheckpointError: no checkpoint there, or one trained with other model settings.
     """
-    from .model import CONFIG_NAME, WEIGHTS_NAME
 
     checkpoint = _resolve_resume(resume_from)
     state = _load_state(checkpoint)
@@ -518,8 +518,8 @@ def finetune(
             ``from_clip``, or existing ones to continue from). Its device (CPU, CUDA, MPS) and
             CLIP dtype are used as they are; the prompts are trained in float32. The processing
             size and output layers are those of ``model.config`` (``model.reconfigure``).
-        data: an :class:`~anomalyclip.datasets.AnomalyDataset` (``load_dataset(root, format)``)
-            or a sequence of :class:`~anomalyclip.datasets.Sample`: normal and anomalous images,
+        data: an :class:`~anomalyclip.data.datasets.AnomalyDataset` (``load_dataset(root, format)``)
+            or a sequence of :class:`~anomalyclip.data.datasets.Sample`: normal and anomalous images,
             a mask for every anomalous image.
         epochs: total number of epochs (15); with ``resume_from``, training continues up to it.
         batch_size: images per optimizer step (8); also the chunk size of the cache filling.

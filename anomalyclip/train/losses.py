@@ -21,8 +21,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
-from .scoring import class_logits, patch_probability_maps
+from ..errors import InvalidInputError
+from ..scoring import class_logits, patch_probability_maps
 
 __all__ = ["focal_loss", "dice_loss", "local_loss", "image_loss", "glocal_loss", "GlocalLoss", "LOCAL_WEIGHT"]
 

@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 __all__ = [
     "image_auroc",
@@ -55,6 +55,13 @@ __all__ = [
     "pixel_f1_max",
     "pixel_aupro",
     "compute_metrics",
+    # building blocks shared with anomalyclip.eval.thresholds
+    "as_values",
+    "image_inputs",
+    "pixel_inputs",
+    "RankCounts",
+    "rank_counts",
+    "f1_curve",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +73,7 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # ----------------------------------------------------------------------------- validation
 
 
-def _as_values(values: ArrayLike, name: str) -> np.ndarray:
+def as_values(values: ArrayLike, name: str) -> np.ndarray:
     """``values`` as a real ndarray: floats keep their dtype (no copy), bools/ints become float64.
 
     Raises InvalidInputError when empty, non-numeric, NaN or infinite.
@@ -104,17 +111,17 @@ def _as_labels(labels: ArrayLike, name: str, shape: tuple[int, ...], like: str) 
     return array != 0
 
 
-def _image_inputs(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def image_inputs(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Validated ``([N] real scores, [N] bool labels)``."""
-    scores = _as_values(scores, "scores")
+    scores = as_values(scores, "scores")
     if scores.ndim != 1:
         raise InvalidInputError(f"expected scores of shape [N], got {list(scores.shape)}.")
     return scores, _as_labels(labels, "labels", scores.shape, "scores")
 
 
-def _pixel_inputs(maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def pixel_inputs(maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Validated ``([N, H, W] real maps, [N, H, W] bool masks)``."""
-    maps = _as_values(maps, "maps")
+    maps = as_values(maps, "maps")
     if maps.ndim != 3:
         raise InvalidInputError(
             f"expected maps of shape [N, H, W], got {list(maps.shape)}; stack 2-D maps with np.stack "
@@ -127,7 +134,7 @@ def _pixel_inputs(maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.nda
 
 
 @dataclass(frozen=True)
-class _RankCounts:
+class RankCounts:
     """Confusion counts at every threshold where the recall changes (shared with thresholds.py).
 
     Decision at a threshold t: predicted anomalous iff value >= t (scikit-learn's convention).
@@ -153,7 +160,7 @@ class _RankCounts:
     n_neg: int
 
 
-def _rank_counts(values: np.ndarray, labels: np.ndarray) -> _RankCounts:
+def rank_counts(values: np.ndarray, labels: np.ndarray) -> RankCounts:
     """Count positives/negatives above each distinct positive value.
 
     Args:
@@ -185,7 +192,7 @@ def _rank_counts(values: np.ndarray, labels: np.ndarray) -> _RankCounts:
     neg_below[has_below] = negatives[below[has_below] - 1]
 
     # Reverse to decreasing thresholds, as sklearn's curves.
-    return _RankCounts(
+    return RankCounts(
         thresholds=distinct[::-1],
         tps=np.cumsum(counts[::-1], dtype=np.int64),
         fps=(n_neg - below[::-1]).astype(np.int64),
@@ -206,7 +213,7 @@ def _both_classes(labels: np.ndarray, what: str) -> bool:
     return False
 
 
-def _auroc(c: _RankCounts) -> float:
+def _auroc(c: RankCounts) -> float:
     """Area under the ROC curve (trapezoid, ties as diagonal steps) = Mann-Whitney U / (P N).
 
     Each positive scores 1 per negative below it and 1/2 per tied negative; computed exactly in
@@ -217,25 +224,25 @@ def _auroc(c: _RankCounts) -> float:
     return numerator / (2 * c.n_pos * c.n_neg)
 
 
-def _ap(c: _RankCounts) -> float:
+def _ap(c: RankCounts) -> float:
     """Average precision as sklearn: ``sum_n (R_n - R_{n-1}) P_n`` (step function, no interpolation)."""
     counts = np.diff(c.tps, prepend=0)
     precision = c.tps / (c.tps + c.fps)
     return float(np.dot(counts, precision) / c.n_pos)
 
 
-def _f1_curve(c: _RankCounts) -> np.ndarray:
+def f1_curve(c: RankCounts) -> np.ndarray:
     """``[K]`` float64 F1 = 2PR / (P + R) = 2 TP / (TP + FP + n_pos) at each threshold."""
     return 2.0 * c.tps / (c.tps + c.fps + c.n_pos)
 
 
-def _f1_max(c: _RankCounts) -> float:
+def _f1_max(c: RankCounts) -> float:
     """Max F1 over the precision-recall curve (the official code's ``max`` over finite F1).
 
     Between two distinct positive values TP is constant and FP can only grow as the threshold
     falls, so the maximum over all of sklearn's thresholds is reached at a positive value.
     """
-    return float(_f1_curve(c).max())
+    return float(f1_curve(c).max())
 
 
 # ----------------------------------------------------------------------------- image metrics
@@ -251,10 +258,10 @@ def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     Returns:
         AUROC in [0, 1]; nan (with a logged warning) when only one class is present.
     """
-    scores, labels = _image_inputs(scores, labels)
+    scores, labels = image_inputs(scores, labels)
     if not _both_classes(labels, "image AUROC"):
         return math.nan
-    return _auroc(_rank_counts(scores, labels))
+    return _auroc(rank_counts(scores, labels))
 
 
 def image_ap(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -262,10 +269,10 @@ def image_ap(scores: ArrayLike, labels: ArrayLike) -> float:
 
     Shapes as :func:`image_auroc`. Returns nan (with a warning) when only one class is present.
     """
-    scores, labels = _image_inputs(scores, labels)
+    scores, labels = image_inputs(scores, labels)
     if not _both_classes(labels, "image AP"):
         return math.nan
-    return _ap(_rank_counts(scores, labels))
+    return _ap(rank_counts(scores, labels))
 
 
 def image_f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -273,10 +280,10 @@ def image_f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
 
     Shapes as :func:`image_auroc`. Returns nan (with a warning) when only one class is present.
     """
-    scores, labels = _image_inputs(scores, labels)
+    scores, labels = image_inputs(scores, labels)
     if not _both_classes(labels, "image F1-max"):
         return math.nan
-    return _f1_max(_rank_counts(scores, labels))
+    return _f1_max(rank_counts(scores, labels))
 
 
 # ----------------------------------------------------------------------------- pixel metrics
@@ -292,10 +299,10 @@ def pixel_auroc(maps: ArrayLike, masks: ArrayLike) -> float:
     Returns:
         AUROC in [0, 1]; nan (with a warning) when the masks hold no anomalous or no normal pixel.
     """
-    maps, masks = _pixel_inputs(maps, masks)
+    maps, masks = pixel_inputs(maps, masks)
     if not _both_classes(masks, "pixel AUROC"):
         return math.nan
-    return _auroc(_rank_counts(maps, masks))
+    return _auroc(rank_counts(maps, masks))
 
 
 def pixel_ap(maps: ArrayLike, masks: ArrayLike) -> float:
@@ -303,10 +310,10 @@ def pixel_ap(maps: ArrayLike, masks: ArrayLike) -> float:
 
     Shapes as :func:`pixel_auroc`; nan (with a warning) when only one class is present.
     """
-    maps, masks = _pixel_inputs(maps, masks)
+    maps, masks = pixel_inputs(maps, masks)
     if not _both_classes(masks, "pixel AP"):
         return math.nan
-    return _ap(_rank_counts(maps, masks))
+    return _ap(rank_counts(maps, masks))
 
 
 def pixel_f1_max(maps: ArrayLike, masks: ArrayLike) -> float:
@@ -314,10 +321,10 @@ def pixel_f1_max(maps: ArrayLike, masks: ArrayLike) -> float:
 
     Shapes as :func:`pixel_auroc`; nan (with a warning) when only one class is present.
     """
-    maps, masks = _pixel_inputs(maps, masks)
+    maps, masks = pixel_inputs(maps, masks)
     if not _both_classes(masks, "pixel F1-max"):
         return math.nan
-    return _f1_max(_rank_counts(maps, masks))
+    return _f1_max(rank_counts(maps, masks))
 
 
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
@@ -361,7 +368,7 @@ def pixel_aupro(maps: ArrayLike, masks: ArrayLike, max_steps: int = 200, max_fpr
         raise InvalidInputError(f"max_steps must be a positive int, got {max_steps!r}.")
     if not (isinstance(max_fpr, (int, float, np.floating)) and 0.0 < max_fpr <= 1.0):
         raise InvalidInputError(f"max_fpr must be a number in (0, 1], got {max_fpr!r}.")
-    maps, masks = _pixel_inputs(maps, masks)
+    maps, masks = pixel_inputs(maps, masks)
     if not _both_classes(masks, "pixel AUPRO"):
         return math.nan
     return _aupro(maps, masks, int(max_steps), float(max_fpr))
@@ -443,23 +450,23 @@ def compute_metrics(
     """
     if (maps is None) != (masks is None):
         raise InvalidInputError("pass maps and masks together (both [N, H, W]), or neither.")
-    scores, labels = _image_inputs(scores, labels)
+    scores, labels = image_inputs(scores, labels)
     result: dict[str, float] = {}
     if _both_classes(labels, "image metrics"):
-        c = _rank_counts(scores, labels)
+        c = rank_counts(scores, labels)
         result.update(image_auroc=_auroc(c), image_ap=_ap(c), image_f1_max=_f1_max(c))
     else:
         result.update(image_auroc=math.nan, image_ap=math.nan, image_f1_max=math.nan)
     if maps is None:
         return result
 
-    maps, masks = _pixel_inputs(maps, masks)
+    maps, masks = pixel_inputs(maps, masks)
     if maps.shape[0] != scores.shape[0]:
         raise InvalidInputError(
             f"expected one map per image score: scores [{scores.shape[0]}] but maps {list(maps.shape)}."
         )
     if _both_classes(masks, "pixel metrics"):
-        c = _rank_counts(maps, masks)
+        c = rank_counts(maps, masks)
         result.update(
             pixel_auroc=_auroc(c),
             pixel_aupro=_aupro(maps, masks, 200, 0.3),

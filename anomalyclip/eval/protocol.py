@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DatasetError
+from ..errors import DatasetError
 from .metrics import compute_metrics
-from .runtime import atomic_write
+from ..files import atomic_write
 
 __all__ = ["METRIC_NAMES", "EvaluationReport", "evaluate", "format_table", "write_reports"]
 
@@ -97,8 +97,8 @@ def evaluate(
     Args:
         model: an :class:`~anomalyclip.AnomalyCLIP` (its ``config.image_size`` is the size S at
             which images are processed and maps and masks are compared).
-        dataset: an :class:`~anomalyclip.datasets.AnomalyDataset` (see
-            :func:`~anomalyclip.datasets.load_dataset`).
+        dataset: an :class:`~anomalyclip.data.datasets.AnomalyDataset` (see
+            :func:`~anomalyclip.data.datasets.load_dataset`).
         batch_size: images per forward pass.
         num_workers: data-loading worker processes.
         progress: show a tqdm progress bar.
@@ -109,7 +109,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from .datasets import SampleLoader
+    from ..data.datasets import SampleLoader
 
     if len(dataset) == 0:
         raise DatasetError("The data set is empty; nothing to evaluate.")

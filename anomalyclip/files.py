@@ -1,0 +1,56 @@
+"""File-system helpers without torch: atomic writes and the library's cache directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+__all__ = ["atomic_path", "atomic_write", "cache_root"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    For writers that take a file name. An interrupted or failed write leaves any existing
+    ``path`` untouched and no temporary file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path`` for writing; on success rename it over ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The library's cache: ``cache_dir/anomalyclip``, else ``$ANOMALYCLIP_CACHE``, else
+    ``$XDG_CACHE_HOME/anomalyclip`` (``~/.cache/anomalyclip``). Converted presets and feature
+    caches live here."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser() / "anomalyclip"
+    env = os.environ.get("ANOMALYCLIP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "anomalyclip"

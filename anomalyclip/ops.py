@@ -92,6 +92,10 @@ def linear(
         x, weight = x.to(up), weight.to(up)
         bias = bias.to(up) if bias is not None else None
     x2 = x.reshape(-1, x.shape[-1])
+    if bias is not None and beta != 1.0 and x.device.type == "cuda":
+        # cuBLASLt adds a bias in the GEMM's epilogue only for beta == 1; otherwise PyTorch first
+        # writes the broadcast bias into the whole output. Scaling the (small) bias is cheaper.
+        bias, beta = bias * beta, 1.0
     if bias is None:
         out = torch.mm(x2, weight.t())
         if alpha != 1.0:

@@ -66,6 +66,7 @@ __all__ = [
     "encode_image",
     "resize_positional_embedding",
     "embed_patches",
+    "patch_embedding_gemm",
     "CPU_TOKENS_PER_CHUNK",
     "get_cpu_low_precision_matmul",
     "set_cpu_low_precision_matmul",
@@ -195,16 +196,48 @@ def _dpam_block(
     return h, _add_residual(z, block.ls_1, a, fast)
 
 
+def patch_embedding_gemm(conv: nn.Conv2d, pixel_values: torch.Tensor) -> torch.Tensor:
+    """A ``P x P``, stride-``P`` patch convolution as one matrix product: ``[B, C, S, S] -> [B, G*G, W]``.
+
+    Patches are laid out row-major (the order of ``conv(x).flatten(2).transpose(1, 2)``), each
+    flattened as ``(C, P, P)`` like the convolution's weight.
+    """
+    b, c, s, _ = pixel_values.shape
+    p = conv.kernel_size[0]
+    g = s // p
+    patches = pixel_values.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+    return linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
+def _is_patchify(conv: nn.Module) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size[0] == conv.kernel_size[1] == conv.stride[0] == conv.stride[1]
+        and conv.padding in (0, (0, 0))
+        and conv.dilation in (1, (1, 1))
+        and conv.groups == 1
+    )
+
+
 def embed_patches(visual: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Patch embedding + class token + (resized) positional embedding + ``ln_pre``: ``[B, N, W]``."""
+    """Patch embedding + class token + (resized) positional embedding + ``ln_pre``: ``[B, N, W]``.
+
+    On CUDA the patch convolution runs as a matrix product (:func:`patch_embedding_gemm`):
+    cuBLAS keeps float32 in IEEE float32 unless TF32 matrix products were enabled
+    (``torch.backends.cuda.matmul.allow_tf32``), whereas cuDNN convolutions use TF32 by default.
+    """
     conv = visual.conv1
     x = pixel_values.to(conv.weight.dtype)
-    if matmul_dtype(x) is not None:
-        x = F.conv2d(x.float(), conv.weight.float(), None, conv.stride).to(x.dtype)  # [B, W, G, G]
+    if x.device.type == "cuda" and _is_patchify(conv):
+        grid = x.shape[-1] // conv.kernel_size[0]
+        x = patch_embedding_gemm(conv, x)  # [B, G*G, W]
     else:
-        x = conv(x)
-    grid = x.shape[-1]
-    x = x.flatten(2).transpose(1, 2)  # [B, G*G, W]
+        if matmul_dtype(x) is not None:
+            x = F.conv2d(x.float(), conv.weight.float(), None, conv.stride).to(x.dtype)  # [B, W, G, G]
+        else:
+            x = conv(x)
+        grid = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)  # [B, G*G, W]
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1)
     x = x + resize_positional_embedding(visual.positional_embedding, grid).to(x.dtype)

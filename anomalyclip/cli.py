@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow anomalous images without masks (image-level metrics only for their classes)",
     )
-    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data-loading worker processes (default: 0 on the CPU, up to 8 on a GPU)",
+    )
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("finetune", help="learn prompts on auxiliary data (the paper's glocal training)")

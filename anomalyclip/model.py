@@ -23,6 +23,7 @@ from .hub import hub_download, is_repo_id
 from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
 from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset
+from .prefetch import default_num_workers, prefetch_batches, stack_batch
 from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .files import atomic_path, atomic_write, cache_root
@@ -454,7 +455,9 @@ class AnomalyCLIP(nn.Module):
             )
         if not pixel_values.is_floating_point():
             raise InvalidInputError(f"pixel_values must be floating point (normalized), got {pixel_values.dtype}.")
-        if not torch.isfinite(pixel_values).all():
+        # Checked on the host only: on an accelerator the check would wait for the device (a sync
+        # per forward). Non-finite values there give NaN scores and maps (they reach every token).
+        if pixel_values.device.type == "cpu" and not torch.isfinite(pixel_values).all():
             raise InvalidInputError("pixel_values contains NaN or infinite values.")
 
     def forward(self, pixel_values: torch.Tensor) -> AnomalyOutput:
@@ -462,11 +465,21 @@ class AnomalyCLIP(nn.Module):
 
         Args:
             pixel_values: ``[B, 3, S, S]`` from :meth:`preprocess` (any device; moved to the model's).
+                CPU tensors are checked for NaN and infinity; tensors already on an accelerator
+                are not (that would wait for the device), and non-finite values there give NaN
+                outputs.
 
         Returns:
             :class:`AnomalyOutput` with ``scores [B]`` and ``anomaly_maps [B, S, S]`` (float32).
+
+        On CUDA the forward never waits for the GPU: the input is copied asynchronously (from
+        pinned memory truly in the background, so do not write into a pinned input before the
+        outputs have been read) and converted to the model's dtype on the GPU; the outputs are
+        ready when read (e.g. ``.cpu()``). The text features are computed once and cached.
         """
         self._check_pixel_values(pixel_values)
+        if self.device.type == "cuda" and pixel_values.device != self.device:
+            pixel_values = pixel_values.to(self.device, non_blocking=True)
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         text = self.encode_text()
         features = self.encode_image(pixel_values)
@@ -496,6 +509,7 @@ class AnomalyCLIP(nn.Module):
         pixel_threshold: float | None = None,
         thresholds: Thresholds | None = None,
         progress: bool = False,
+        num_workers: int | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
 
@@ -508,9 +522,17 @@ class AnomalyCLIP(nn.Module):
             thresholds: both thresholds at once, e.g. from :meth:`calibrate` or
                 :class:`~anomalyclip.eval.thresholds.Thresholds` (explicit thresholds take precedence).
             progress: show a tqdm progress bar.
+            num_workers: threads that load and preprocess the next batches while the model runs
+                (:func:`~anomalyclip.prefetch.prefetch_batches`); None: 0 on the CPU, up to 8 on
+                an accelerator (:func:`~anomalyclip.prefetch.default_num_workers`). The results
+                do not depend on it.
 
         Returns:
             An :class:`AnomalyResult` for a single image, a list of them for a list.
+
+        On CUDA, batches are stacked in pinned memory and copied asynchronously, and each batch's
+        maps are resized and copied back before the next batch is started, so that the GPU
+        always has queued work.
         """
         single = not _is_image_list(images)
         items = [images] if single else list(images)
@@ -521,33 +543,55 @@ class AnomalyCLIP(nn.Module):
         if thresholds is not None:
             image_threshold = thresholds.image if image_threshold is None else image_threshold
             pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
+        workers = self._num_workers(num_workers)
         results: list[AnomalyResult] = []
-        batches = range(0, len(items), batch_size)
+        batches = prefetch_batches(items, self._load_and_preprocess, batch_size, num_workers=workers)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="AnomalyCLIP", unit="batch")
-        with torch.inference_mode():
-            for start in batches:
-                chunk = items[start : start + batch_size]
-                prepared = [self._prepare(img) for img in chunk]
-                pixel_values = torch.stack([self._preprocess_prepared(p) for p in prepared])
-                out = self(pixel_values)
-                for i, p in enumerate(prepared):
-                    amap = F.interpolate(out.anomaly_maps[i][None, None], size=p.size, mode="bilinear", align_corners=False)
-                    results.append(
-                        AnomalyResult(
-                            score=float(out.scores[i]),
-                            anomaly_map=amap[0, 0].float().cpu().numpy().astype(np.float32, copy=False),
-                            image_threshold=image_threshold,
-                            pixel_threshold=pixel_threshold,
-                            path=os.fspath(chunk[i]) if isinstance(chunk[i], (str, os.PathLike)) else None,
-                        )
-                    )
+            bar = tqdm(total=(len(items) + batch_size - 1) // batch_size, desc="AnomalyCLIP", unit="batch")
+        pending: _StagedBatch | None = None
+        try:
+            with torch.inference_mode():
+                start = 0
+                for batch in batches:
+                    chunk, start = items[start : start + len(batch)], start + len(batch)
+                    paths = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else None for x in chunk]
+                    pixel_values = stack_batch([t for _, t in batch], pin_memory=self.device.type == "cuda")
+                    staged = _StagedBatch.stage(self(pixel_values), [size for size, _ in batch], paths)
+                    if pending is not None:  # the GPU already runs this batch while we read the last one
+                        results.extend(pending.results(image_threshold, pixel_threshold))
+                    pending = staged
+                    if bar is not None:
+                        bar.update(1)
+                if pending is not None:
+                    results.extend(pending.results(image_threshold, pixel_threshold))
+        finally:
+            batches.close()
+            if bar is not None:
+                bar.close()
         return results[0] if single else results
 
+    def _num_workers(self, num_workers: int | None) -> int:
+        if num_workers is None:
+            return default_num_workers(self.device)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise InvalidInputError(f"num_workers must be an int >= 0 or None, got {num_workers!r}.")
+        return num_workers
+
+    def _load_and_preprocess(self, image: ImageInput) -> tuple[tuple[int, int], torch.Tensor]:
+        """(original (height, width), ``[3, S, S]`` float32): one image's work on a prefetch worker."""
+        prepared = self._prepare(image)
+        return prepared.size, self._preprocess_prepared(prepared)
+
     def calibrate(
-        self, normal_images: Sequence[ImageInput], *, quantile: float = 0.99, batch_size: int = 8
+        self,
+        normal_images: Sequence[ImageInput],
+        *,
+        quantile: float = 0.99,
+        batch_size: int = 8,
+        num_workers: int | None = None,
     ) -> Thresholds:
         """Image and pixel thresholds from images known to be normal.
 
@@ -555,19 +599,27 @@ class AnomalyCLIP(nn.Module):
         ``quantile`` of all their map values (at the processing size S). Anything above is
         flagged: pass the result to ``predict(..., thresholds=...)``. For a labelled set use
         :meth:`anomalyclip.eval.thresholds.Thresholds.from_labelled` (F1-max) instead.
+        ``num_workers`` is as for :meth:`predict`.
         """
         items = list(normal_images) if _is_image_list(normal_images) else [normal_images]
         if not items:
             raise InvalidInputError("calibrate needs at least one normal image.")
+        workers = self._num_workers(num_workers)
         size = self.config.image_size
         scores = np.empty(len(items), dtype=np.float32)
         maps = np.empty((len(items), size, size), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(items), batch_size):
-                out = self(self.preprocess(items[start : start + batch_size]))
-                end = start + len(out.scores)
-                scores[start:end] = out.scores.float().cpu().numpy()
-                maps[start:end] = out.anomaly_maps.float().cpu().numpy()
+        batches = prefetch_batches(items, self._load_and_preprocess, batch_size, num_workers=workers)
+        start = 0
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    out = self(stack_batch([t for _, t in batch], pin_memory=self.device.type == "cuda"))
+                    end = start + len(out.scores)
+                    scores[start:end] = out.scores.float().cpu().numpy()
+                    maps[start:end] = out.anomaly_maps.float().cpu().numpy()
+                    start = end
+        finally:
+            batches.close()
         return Thresholds.from_normal(scores, maps, quantile=quantile)
 
     def finetune(self, data: Any, **options: Any):
@@ -587,6 +639,50 @@ class AnomalyCLIP(nn.Module):
             f"backbone={c.backbone}, image_size={c.image_size}, feature_layers={list(c.feature_layers)}, "
             f"dpam={c.dpam_mode} x {c.dpam_layers} blocks, sigma={c.sigma}"
         )
+
+
+def _to_pinned_host(x: torch.Tensor) -> torch.Tensor:
+    """An asynchronous device-to-host copy of ``x`` into pinned memory (read it after a sync)."""
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
+
+
+class _StagedBatch:
+    """One batch's results on their way to the host: maps resized to each image's size and
+    copied back asynchronously (on CUDA, into pinned memory, ordered before the next batch's
+    forward on the stream); :meth:`results` waits for the copies and builds the results."""
+
+    def __init__(self, scores: torch.Tensor, maps: list[torch.Tensor], paths: list[str | None], event: Any) -> None:
+        self.scores, self.maps, self.paths, self.event = scores, maps, paths, event
+
+    @classmethod
+    def stage(cls, out: AnomalyOutput, sizes: list[tuple[int, int]], paths: list[str | None]) -> "_StagedBatch":
+        maps = [
+            F.interpolate(out.anomaly_maps[i][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            for i, size in enumerate(sizes)
+        ]
+        scores = out.scores.float()
+        if scores.device.type != "cuda":
+            return cls(scores.cpu(), [m.float().cpu() for m in maps], paths, None)
+        scores, maps = _to_pinned_host(scores), [_to_pinned_host(m.float()) for m in maps]
+        event = torch.cuda.Event()
+        event.record()
+        return cls(scores, maps, paths, event)
+
+    def results(self, image_threshold: float | None, pixel_threshold: float | None) -> list[AnomalyResult]:
+        if self.event is not None:
+            self.event.synchronize()
+        copy = self.event is not None  # the copies are in pinned memory: hand out ordinary arrays
+        return [
+            AnomalyResult(
+                score=float(score),
+                anomaly_map=np.array(m.numpy(), dtype=np.float32, copy=True) if copy else m.numpy().astype(np.float32, copy=False),
+                image_threshold=image_threshold,
+                pixel_threshold=pixel_threshold,
+                path=path,
+            )
+            for score, m, path in zip(self.scores.tolist(), self.maps, self.paths)
+        ]
 
 
 def _config_for_clip(

@@ -8,20 +8,22 @@ output layer, summed over layers) and the normalized global features, for the pa
 layer 24 (``top``) and for layers 6, 12, 18, 24 (``multi``). The float32 run is also compared with
 the official implementation's golden outputs.
 
-``--large`` adds the same comparison on a ViT-L-14-336-sized CLIP with random weights (no download)
-at S = 518 on random images: the paper's model size, though not its weights.
+``--large`` adds the same comparison on a ViT-L-14-336-sized CLIP with random weights (no download;
+built on the GPU when ``--device cuda``) at S = 518 on random images: the paper's model size,
+though not its weights. ``--image-size`` runs the golden images at another size (quick dry runs;
+the official golden outputs exist only for 518, so that comparison is left out).
 
 Usage::
 
     python benchmarks/precision_deviation.py                       # bfloat16 vs float32 on the CPU
     python benchmarks/precision_deviation.py --dtypes bfloat16,float16 --large
-    python benchmarks/precision_deviation.py --device cuda --dtypes float16,bfloat16
+    python benchmarks/precision_deviation.py --device cuda --dtypes float16,bfloat16 --large
+    python benchmarks/precision_deviation.py --image-size 112                 # seconds (dry run)
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -63,16 +65,17 @@ def compare(reference: dict, other: dict, label: str) -> None:
         )
 
 
-def golden_comparison(dtypes: list[str], device: torch.device) -> None:
+def golden_comparison(dtypes: list[str], device: torch.device, image_size: int = 518) -> None:
     model = AnomalyCLIP.from_official_checkpoint(
-        GOLDEN / "official_prompt_learner.pth", clip=f"local-dir:{GOLDEN / 'tiny-clip'}", device="cpu"
+        GOLDEN / "official_prompt_learner.pth", clip=f"local-dir:{GOLDEN / 'tiny-clip'}", device="cpu",
+        image_size=image_size,
     )
     images = [GOLDEN / "image_a.png", GOLDEN / "image_b.png"]
     pixel_values = model.preprocess(images)
     reference = _outputs(model, pixel_values, torch.float32, device)
     golden = load_file(str(GOLDEN / "expected.safetensors"))
     print(f"golden tiny CLIP (image_a, image_b; S = {model.config.image_size}; device {device}); max |difference|:")
-    for variant in LAYERS:
+    for variant in LAYERS if image_size == 518 else ():
         out = reference[variant]
         score = max(_max_abs(out.scores[i : i + 1], golden[f"{n}.{variant}.score"]) for i, n in enumerate("ab"))
         amap = max(_max_abs(out.anomaly_maps[i : i + 1], golden[f"{n}.{variant}.anomaly_map"]) for i, n in enumerate("ab"))
@@ -82,11 +85,9 @@ def golden_comparison(dtypes: list[str], device: torch.device) -> None:
 
 
 def large_comparison(dtypes: list[str], device: torch.device, batch: int) -> None:
-    import open_clip
+    from bench_inference import build_vit_l_clip  # benchmarks/ is on sys.path when run as a script
 
-    logging.getLogger().setLevel(logging.ERROR)
-    torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-L-14-336", pretrained=None, force_quick_gelu=True)
+    clip = build_vit_l_clip(device)
     model = AnomalyCLIP.from_clip(clip, backbone="ViT-L-14-336 (random)", image_size=518, seed=0)
     pixel_values = torch.randn(batch, 3, 518, 518, generator=torch.Generator().manual_seed(0))
     reference = _outputs(model, pixel_values, torch.float32, device)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--large", action="store_true", help="also compare on a random ViT-L-14-336 at S = 518")
     parser.add_argument("--large-batch", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=518, help="size S for the golden images (default 518)")
     parser.add_argument("--cpu-low-precision-matmul", default=None, choices=["auto", "native", "float32"],
                         help="anomalyclip.vision.set_cpu_low_precision_matmul policy (default: auto)")
     args = parser.parse_args(argv)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     print(f"torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}")
-    golden_comparison(dtypes, device)
+    golden_comparison(dtypes, device, args.image_size)
     if args.large:
         large_comparison(dtypes, device, args.large_batch)
     return 0

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from anomalyclip import AnomalyCLIP
 from anomalyclip.flops import ModelDims, count_inference_flops
 from anomalyclip.runtime import resolve_dtype
-from anomalyclip import vision
+from anomalyclip import ops, vision
 from anomalyclip.vision import VisionFeatures, embed_patches
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
@@ -293,7 +293,7 @@ def machine_description(device: torch.device) -> str:
 
 def library_matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype in which anomalyclip's vision GEMMs actually run for weights of ``dtype``."""
-    up = vision._matmul_dtype(torch.empty(0, device=device, dtype=dtype))
+    up = ops.matmul_dtype(torch.empty(0, device=device, dtype=dtype))
     return up if up is not None else dtype
 
 

@@ -271,8 +271,8 @@ def test_calibrate_on_cuda_matches_cpu(cpu_model, cuda_model):
 
 def test_evaluate_on_cuda_matches_cpu(tmp_path):
     from anomalyclip import evaluate, load_dataset
-    from anomalyclip.evaluation import METRIC_NAMES
-    from anomalyclip.synthetic import make_synthetic_dataset
+    from anomalyclip.eval.protocol import METRIC_NAMES
+    from anomalyclip.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(
         tmp_path / "mvtec", layout="mvtec", classes=("texture_a", "texture_b"), n_normal=4, n_anomalous=4, seed=3
@@ -287,9 +287,9 @@ def test_evaluate_on_cuda_matches_cpu(tmp_path):
 
 @pytest.mark.parametrize("feature_cache", ["memory", None])
 def test_finetune_two_epochs_on_cuda(tmp_path, feature_cache):
-    from anomalyclip.datasets import load_dataset
-    from anomalyclip.synthetic import make_synthetic_dataset
-    from anomalyclip.training import finetune
+    from anomalyclip.data.datasets import load_dataset
+    from anomalyclip.data.synthetic import make_synthetic_dataset
+    from anomalyclip.train.finetune import finetune
 
     root = make_synthetic_dataset(tmp_path / "data", layout="folder", n_normal=4, n_anomalous=6, size=(64, 64), seed=3)
     with warnings.catch_warnings():

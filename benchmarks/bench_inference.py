@@ -429,7 +429,7 @@ def _kernel_kind(name: str) -> str:
 
 
 def profile_forward(
-    model: AnomalyCLIP, pixel_values: torch.Tensor, device: torch.device, rows: int = 12
+    model: AnomalyCLIP, pixel_values: torch.Tensor, device: torch.device, rows: int = 10
 ) -> tuple[str, str]:
     """``torch.profiler`` over one forward: (short summary, full table).
 

@@ -105,7 +105,7 @@ if [ "$dry_run" -eq 1 ]; then
     # Everything on the CPU with the tiny test CLIP at 112 px, one thread (tiny ops on a busy
     # machine wait on each other's threads otherwise): seconds, and the CUDA tests skip.
     step "pytest -m cuda (expect skips)" 120 "$LOG/pytest.log" \
-        "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py
+        "$PY" -m pytest -m cuda -q -rfEs -p no:cacheprovider tests/test_cuda.py
     step "bench_inference (cpu, tiny)" 180 "$LOG/bench.log" \
         "$PY" benchmarks/bench_inference.py --device cpu --model tiny --image-size 112 --dtype float32,bfloat16 --threads 1 \
         --batch-sizes 1,2 --mode both --repeats 1 --warmup 0 --cuda-graph 1 --profile 2 --profile-out "$LOG/profile.txt" \
@@ -115,7 +115,7 @@ if [ "$dry_run" -eq 1 ]; then
         "$PY" benchmarks/precision_deviation.py --device cpu --image-size 112 --dtypes bfloat16 --threads 1
 else
     step "pytest -m cuda" 120 "$LOG/pytest.log" \
-        "$PY" -m pytest -m cuda -q -rs -s -p no:cacheprovider tests/test_cuda.py
+        "$PY" -m pytest -m cuda -q -rfEs -s -p no:cacheprovider tests/test_cuda.py
     step "bench_inference (cuda)" 170 "$LOG/bench.log" \
         "$PY" benchmarks/bench_inference.py --device cuda --dtype float32,float16,bfloat16 --batch-sizes 1,8,32 \
         --mode both --repeats 5 --warmup 2 --cuda-graph 1,8 --profile 1,32 --profile-out "$LOG/profile.txt" \
@@ -130,29 +130,32 @@ else
 fi
 
 # ------------------------------------------------------------------ summary (the tail of the output)
+# The most important lines last: a remote run returns only the tail of the output (summary.md has it all).
 {
     echo "# anomalyclip device check ($([ "$dry_run" -eq 1 ] && echo 'CPU dry run' || echo GPU)), $((SECONDS - started)) s"
     echo
-    grep -E "cuda available|^python|^anomalyclip" "$LOG/env.txt" | sed 's/^/    /'
     grep -E "^(NVIDIA|name,)" "$LOG/env.txt" | head -2 | sed 's/^/    /'
-    echo
-    cat "$summary.steps"
-    echo
-    echo "## tests"
-    echo
-    grep -E "^(FAILED|ERROR)|passed|failed|skipped|error" "$LOG/pytest.log" | grep -v "^SKIPPED" | tail -n 25 | sed 's/^/    /'
-    grep -E "vs float32 on CUDA" "$LOG/pytest.log" | sed 's/^/    /'
+    grep -E "cuda available|^python|^anomalyclip" "$LOG/env.txt" | sed 's/^/    /'
     echo
     echo "## inference"
     echo
     if [ -s "$LOG/bench.md" ]; then cat "$LOG/bench.md"; else echo "(no table: see bench.log)"; tail -n 15 "$LOG/bench.log" | sed 's/^/    /'; fi
     echo
-    grep -E "^(profile |  (by kind|GPU|CPU| +[0-9.]+ ms))" "$LOG/bench.log" | head -n 34 | cut -c1-160 | sed 's/^/    /'
-    grep -E "CUDA graph|ours vs official-style|predict, num_workers" "$LOG/bench.log" | cut -c1-160 | sed 's/^/    /'
+    grep -E "^(profile |  (by kind|GPU|CPU| +[0-9.]+ ms))" "$LOG/bench.log" | head -n 26 | cut -c1-150 | sed 's/^/    /'
+    grep -E "CUDA graph|ours vs official-style|predict, num_workers" "$LOG/bench.log" | grep -v "^|" | head -n 14 | cut -c1-150 | sed 's/^/    /'
     echo
     echo "## precision (max |difference|)"
     echo
     grep -E "vs float32|vs official golden|golden tiny|ViT-L" "$LOG/precision.log" | sed 's/^/    /'
+    echo
+    echo "## tests"
+    echo
+    grep -E "^(FAILED|ERROR)|passed|failed|skipped|error" "$LOG/pytest.log" | grep -v "^SKIPPED" | tail -n 25 | cut -c1-200 | sed 's/^/    /'
+    grep -E "vs float32 on CUDA" "$LOG/pytest.log" | sed 's/^/    /'
+    echo
+    echo "## steps"
+    echo
+    cat "$summary.steps"
 } > "$summary"
 rm -f "$summary.steps"
 echo

@@ -174,7 +174,11 @@ def test_both_dpam_paths_run_on_fused_attention_kernels(pixel_values, dtype, bac
         reference = model(pixel_values)
         with sdpa_kernel([getattr(SDPBackend, backend)]):
             fused = model(pixel_values)
-    assert _max_abs(fused.scores, reference.scores) <= 1e-3
+    # The two runs differ only in the attention kernel (e.g. cuDNN's against flash), so they agree
+    # to the rounding of the dtype: the documented low-precision bound, 1e-4 in float32. (On an
+    # H200, bfloat16 cuDNN against flash attention measured 5.9e-3 on the golden scores.)
+    bound = LOW_PRECISION_BOUNDS[dtype]["score"] if dtype in LOW_PRECISION_BOUNDS else 1e-4
+    assert _max_abs(fused.scores, reference.scores) <= bound
     assert torch.isfinite(fused.anomaly_maps).all()
 
 

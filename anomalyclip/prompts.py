@@ -36,7 +36,7 @@ def tokenize_prompts(n_ctx: int, context_length: int = 77) -> torch.Tensor:
 
 
 class PromptLearner(nn.Module):
-    """The trainable part of AnomalyCLIP: context vectors and deep text prompts.
+    """The trainable part of AnomalyCLIP: context vectors and deep text prompts, always float32.
 
     Parameters:
         ctx_normal: ``[n_ctx, W_t]`` context of the normal prompt.
@@ -47,9 +47,9 @@ class PromptLearner(nn.Module):
 
     def __init__(self, n_ctx: int, width: int, n_deep: int, deep_length: int) -> None:
         super().__init__()
-        self.ctx_normal = nn.Parameter(torch.empty(n_ctx, width))
-        self.ctx_anomalous = nn.Parameter(torch.empty(n_ctx, width))
-        self.deep_prompts = nn.Parameter(torch.empty(n_deep, deep_length, width))
+        self.ctx_normal = nn.Parameter(torch.empty(n_ctx, width, dtype=torch.float32))
+        self.ctx_anomalous = nn.Parameter(torch.empty(n_ctx, width, dtype=torch.float32))
+        self.deep_prompts = nn.Parameter(torch.empty(n_deep, deep_length, width, dtype=torch.float32))
         self.reset_parameters()
 
     @classmethod
@@ -63,6 +63,23 @@ class PromptLearner(nn.Module):
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(getattr(self, name).shape) for name in PROMPT_KEYS}
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Move the prompts with ``.to()`` / ``.cuda()`` / ... but never change their dtype.
+
+        The prompts are float32 whatever the dtype of the model around them (``model.to(dtype=
+        torch.bfloat16)`` casts only the frozen CLIP): they are cast to the compute dtype where
+        they are used (:func:`encode_prompts`), as the official code does, so a low-precision model
+        saves and trains its prompts without rounding them.
+        """
+
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            if moved.dtype != t.dtype:
+                return t.to(device=moved.device)
+            return moved
+
+        return super()._apply(device_only, recurse)
 
 
 def encode_prompts(clip: nn.Module, prompts: PromptLearner, token_ids: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,14 @@ from torch import nn
 from .errors import BackboneError, WeightsNotFoundError
 from .hub import hub_download
 
-__all__ = ["load_clip", "check_clip", "uses_quick_gelu", "clip_summary"]
+__all__ = [
+    "load_clip",
+    "check_clip",
+    "uses_quick_gelu",
+    "registry_quick_gelu",
+    "resolve_quick_gelu",
+    "clip_summary",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +37,79 @@ def uses_quick_gelu(clip: nn.Module) -> bool:
     """Whether the vision MLPs of an open_clip CLIP use QuickGELU (``x * sigmoid(1.702 x)``)."""
     act = clip.visual.transformer.resblocks[0].mlp.gelu
     return type(act).__name__ == "QuickGELU"
+
+
+def registry_quick_gelu(reference: str) -> bool | None:
+    """What open_clip's pretrained registry says about the activation of a backbone's weights.
+
+    open_clip applies its QuickGELU rule only to pretrained *tags* (``create_model("ViT-L-14-336",
+    pretrained="openai")``), not to ``hf-hub:`` ids, whose activation comes from the repo's
+    ``open_clip_config.json`` alone (open_clip issue #771). This looks the Hub repo up among the
+    registry's tags: True if it is listed with ``quick_gelu=True`` (OpenAI's weights, and others
+    trained with QuickGELU), False if it is listed without, None if it is not listed. A repo the
+    registry does not know whose name ends in ``.openai`` (timm's naming of OpenAI's weights) counts
+    as QuickGELU. ``local-dir:`` references are unknown to the registry (None).
+    """
+    if not reference.startswith("hf-hub:"):
+        return None
+    repo_id = reference[len("hf-hub:") :].strip("/")
+    from open_clip import get_pretrained_cfg, list_pretrained
+
+    found: bool | None = None
+    for model_name, tag in list_pretrained():
+        cfg = get_pretrained_cfg(model_name, tag)
+        if str(cfg.get("hf_hub", "")).strip("/") == repo_id:
+            if cfg.get("quick_gelu", False):
+                return True
+            found = False
+    if found is None and repo_id.rsplit("/", 1)[-1].endswith(".openai"):
+        return True
+    return found
+
+
+def resolve_quick_gelu(reference: str, explicit: bool | None, config_flag: bool | None) -> bool:
+    """The activation a backbone runs with, and a logged warning where the sources disagree.
+
+    Rule: an explicit choice (an argument, or the ``quick_gelu`` a saved model recorded) wins;
+    otherwise weights that open_clip's registry marks as QuickGELU (:func:`registry_quick_gelu`,
+    e.g. every OpenAI CLIP) always run QuickGELU, whatever the backbone's own config says; otherwise
+    the backbone's ``open_clip_config.json`` decides (GELU when it does not say).
+
+    Args:
+        reference: the ``hf-hub:`` / ``local-dir:`` reference.
+        explicit: the caller's choice, or None.
+        config_flag: ``model_cfg.quick_gelu`` of the backbone's open_clip config, None if absent.
+    """
+    registry = registry_quick_gelu(reference)
+    name = {True: "QuickGELU", False: "GELU"}
+    if explicit is not None:
+        explicit = bool(explicit)
+        if registry is not None and explicit != registry:
+            logger.warning(
+                "Backbone '%s' runs %s as asked, but open_clip's pretrained registry says its weights were "
+                "trained with %s: features will differ from the original model's.",
+                reference,
+                name[explicit],
+                name[registry],
+            )
+        return explicit
+    if registry:
+        if config_flag is False:
+            logger.warning(
+                "The open_clip config of '%s' says GELU, but open_clip's pretrained registry says its weights were "
+                "trained with QuickGELU: using QuickGELU (pass quick_gelu=False to override).",
+                reference,
+            )
+        elif config_flag is None:
+            logger.info("'%s' has no quick_gelu in its open_clip config; its weights are QuickGELU's (registry).", reference)
+        return True
+    if registry is False and config_flag:
+        logger.warning(
+            "The open_clip config of '%s' says QuickGELU, but open_clip's pretrained registry lists its weights "
+            "without it: using the config's QuickGELU (pass quick_gelu=False to override).",
+            reference,
+        )
+    return bool(config_flag)
 
 
 def _read_open_clip_config(reference: str, cache_dir: str | os.PathLike | None) -> dict:
@@ -67,8 +147,10 @@ def load_clip(
 
     Args:
         reference: ``hf-hub:org/repo`` or ``local-dir:/path``.
-        quick_gelu: force the MLP activation (True: QuickGELU, False: GELU); None keeps what the
-            backbone's own config says. Saved models always record it.
+        quick_gelu: force the MLP activation (True: QuickGELU, False: GELU). None: QuickGELU for
+            weights open_clip's registry marks so (every OpenAI CLIP, also when the Hub config
+            lacks the flag), else what the backbone's own config says (:func:`resolve_quick_gelu`;
+            a disagreement is logged). Saved models always record it.
         device: where to put the weights.
         cache_dir: Hugging Face cache directory for ``hf-hub:`` downloads.
 
@@ -89,10 +171,15 @@ def load_clip(
             f"Backbone '{reference}' uses a timm vision tower or a Hugging Face text tower; AnomalyCLIP "
             "needs an open_clip CLIP of the ViT family with its native text transformer."
         )
-    kwargs = {} if quick_gelu is None else {"quick_gelu": bool(quick_gelu)}
+    use_quick_gelu = resolve_quick_gelu(reference, quick_gelu, model_cfg.get("quick_gelu"))
     try:
         clip = open_clip.create_model(
-            reference, device=device, precision="fp32", require_pretrained=True, cache_dir=cache_dir, **kwargs
+            reference,
+            device=device,
+            precision="fp32",
+            require_pretrained=True,
+            cache_dir=cache_dir,
+            quick_gelu=use_quick_gelu,
         )
     except (RuntimeError, FileNotFoundError) as exc:
         raise WeightsNotFoundError(
@@ -100,6 +187,8 @@ def load_clip(
             "backbone once elsewhere into the Hugging Face cache or use a 'local-dir:' copy."
         ) from exc
     check_clip(clip, reference)
+    if uses_quick_gelu(clip) != use_quick_gelu:  # pragma: no cover - open_clip ignored the override
+        raise BackboneError(f"open_clip did not build '{reference}' with quick_gelu={use_quick_gelu}.")
     clip.eval()
     clip.requires_grad_(False)
     logger.info("Loaded backbone %s (%s)", reference, clip_summary(clip))

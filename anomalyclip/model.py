@@ -118,9 +118,16 @@ class AnomalyCLIP(nn.Module):
         dpam_mode: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         seed: int | None = None,
+        quick_gelu: bool | None = None,
     ) -> "AnomalyCLIP":
-        """A model on an open_clip backbone with freshly initialized prompts (the start of training)."""
-        clip = load_clip(backbone, cache_dir=cache_dir)
+        """A model on an open_clip backbone with freshly initialized prompts (the start of training).
+
+        ``quick_gelu`` forces the backbone's MLP activation; None (default) applies the rule of
+        :func:`anomalyclip.backbone.resolve_quick_gelu`: weights that open_clip's registry marks as
+        QuickGELU (every OpenAI CLIP) run QuickGELU even when the Hub config lacks the flag. The
+        config records the choice.
+        """
+        clip = load_clip(backbone, quick_gelu=quick_gelu, cache_dir=cache_dir)
         model = cls.from_clip(
             clip,
             backbone=backbone,
@@ -143,6 +150,7 @@ class AnomalyCLIP(nn.Module):
         feature_layers: Sequence[int] | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        quick_gelu: bool | None = None,
     ) -> "AnomalyCLIP":
         """Load a model: a preset name, a local directory, or a Hugging Face Hub repo id.
 
@@ -157,10 +165,15 @@ class AnomalyCLIP(nn.Module):
             feature_layers: override the output layers, e.g. ``(6, 12, 18, 24)``.
             revision: Hub revision (branch, tag or commit) of a repo id.
             cache_dir: Hugging Face cache directory (also used for the backbone).
+            quick_gelu: override the backbone activation the saved config records (the one the
+                prompts were trained with); a choice that disagrees with open_clip's pretrained
+                registry is logged as a warning either way.
         """
         if name_or_path is None:
             name_or_path = DEFAULT_PRESET
-        overrides = dict(device=device, dtype=dtype, image_size=image_size, feature_layers=feature_layers)
+        overrides = dict(
+            device=device, dtype=dtype, image_size=image_size, feature_layers=feature_layers, quick_gelu=quick_gelu
+        )
         if isinstance(name_or_path, OfficialPreset):
             return cls._from_preset(name_or_path, cache_dir=cache_dir, **overrides)
         if not isinstance(name_or_path, (str, os.PathLike)):
@@ -196,6 +209,7 @@ class AnomalyCLIP(nn.Module):
         dtype: str | torch.dtype | None,
         image_size: int | None,
         feature_layers: Sequence[int] | None,
+        quick_gelu: bool | None,
         cache_dir: str | os.PathLike | None,
     ) -> "AnomalyCLIP":
         """A preset, converted from its verified official checkpoint on first use and cached."""
@@ -213,6 +227,7 @@ class AnomalyCLIP(nn.Module):
             dtype=dtype,
             image_size=image_size,
             feature_layers=feature_layers,
+            quick_gelu=quick_gelu,
             cache_dir=cache_dir,
         )
 
@@ -226,6 +241,7 @@ class AnomalyCLIP(nn.Module):
         dtype: str | torch.dtype | None,
         image_size: int | None,
         feature_layers: Sequence[int] | None,
+        quick_gelu: bool | None,
         cache_dir: str | os.PathLike | None,
     ) -> "AnomalyCLIP":
         try:
@@ -234,7 +250,9 @@ class AnomalyCLIP(nn.Module):
             raise CheckpointError(f"Cannot read {config_file}: {exc}") from exc
         config = AnomalyCLIPConfig.from_dict(data, source=str(config_file))
         config = config.replace(
-            image_size=image_size, feature_layers=tuple(feature_layers) if feature_layers is not None else None
+            image_size=image_size,
+            feature_layers=tuple(feature_layers) if feature_layers is not None else None,
+            quick_gelu=quick_gelu,
         )
         try:
             tensors = load_file(str(weights_file))

@@ -25,6 +25,7 @@ __all__ = [
     "uses_quick_gelu",
     "registry_quick_gelu",
     "resolve_quick_gelu",
+    "clip_preprocess_cfg",
     "clip_summary",
 ]
 
@@ -110,6 +111,17 @@ def resolve_quick_gelu(reference: str, explicit: bool | None, config_flag: bool 
             reference,
         )
     return bool(config_flag)
+
+
+def clip_preprocess_cfg(clip: nn.Module) -> dict:
+    """The image preprocessing an open_clip model was built with (``mean``, ``std``, ...), as open_clip
+    records it on the model; ``{}`` when it records none (a CLIP built by hand)."""
+    from open_clip import get_model_preprocess_cfg
+
+    try:
+        return dict(get_model_preprocess_cfg(clip))
+    except AttributeError:
+        return {}
 
 
 def _read_open_clip_config(reference: str, cache_dir: str | os.PathLike | None) -> dict:

@@ -1,4 +1,5 @@
-"""File-system helpers without torch: atomic writes and the library's cache directory."""
+"""File-system helpers without torch: atomic writes, the library's cache directory, and file lists
+for messages."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, Sequence
 
-__all__ = ["atomic_path", "atomic_write", "cache_root"]
+__all__ = ["atomic_path", "atomic_write", "cache_root", "list_paths"]
 
 
 @contextlib.contextmanager
@@ -54,3 +55,9 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "anomalyclip"
+
+
+def list_paths(paths: Sequence[Any], limit: int = 5) -> str:
+    """Paths for an error or warning message: the first ``limit`` quoted, then ``"and N more"``."""
+    shown = ", ".join(f"'{p}'" for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")

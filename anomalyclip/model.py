@@ -16,9 +16,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import check_clip, load_clip, uses_quick_gelu
-from .config import CONFIG_NAME, DEFAULT_BACKBONE, WEIGHTS_NAME, AnomalyCLIPConfig, default_dpam_layers
-from .errors import CheckpointError, InvalidInputError
+from .backbone import check_clip, clip_preprocess_cfg, load_clip, uses_quick_gelu
+from .config import (
+    CONFIG_NAME,
+    DEFAULT_BACKBONE,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    WEIGHTS_NAME,
+    AnomalyCLIPConfig,
+    default_dpam_layers,
+)
+from .errors import BackboneError, CheckpointError, InvalidInputError
 from .hub import hub_download, is_repo_id
 from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
@@ -125,7 +133,8 @@ class AnomalyCLIP(nn.Module):
         ``quick_gelu`` forces the backbone's MLP activation; None (default) applies the rule of
         :func:`anomalyclip.backbone.resolve_quick_gelu`: weights that open_clip's registry marks as
         QuickGELU (every OpenAI CLIP) run QuickGELU even when the Hub config lacks the flag. The
-        config records the choice.
+        config records the choice. The normalization (``config.mean`` / ``std``) is the backbone's own
+        (its open_clip ``preprocess_cfg``).
         """
         clip = load_clip(backbone, quick_gelu=quick_gelu, cache_dir=cache_dir)
         model = cls.from_clip(
@@ -716,6 +725,7 @@ def _config_for_clip(
     """The paper's defaults for ``clip`` (DPAM depth scaled to its depth), with overrides."""
     check_clip(clip, backbone)
     depth = len(clip.visual.transformer.resblocks)
+    mean, std = _normalization_of(clip, backbone)
     return AnomalyCLIPConfig(
         backbone=backbone,
         quick_gelu=uses_quick_gelu(clip),
@@ -724,7 +734,30 @@ def _config_for_clip(
         embed_dim=clip.visual.output_dim,
         feature_layers=tuple(feature_layers) if feature_layers is not None else (depth,),
         dpam_layers=default_dpam_layers(depth) if dpam_layers is None else dpam_layers,
+        mean=mean,
+        std=std,
     ).replace(image_size=image_size, dpam_mode=dpam_mode, sigma=sigma)
+
+
+def _normalization_of(clip: nn.Module, backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the backbone's own preprocessing (its open_clip ``preprocess_cfg``), per RGB
+    channel; OpenAI's values when the model records none (a CLIP built by hand)."""
+    cfg = clip_preprocess_cfg(clip)
+    out = []
+    for key, default in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
+        value = cfg.get(key)
+        if value is None:
+            out.append(tuple(default))
+            continue
+        values = (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+        if len(values) == 1:
+            values = values * 3
+        if len(values) != 3:
+            raise BackboneError(f"Backbone '{backbone}' has a preprocessing {key} of {len(values)} values; expected 3 (RGB).")
+        out.append(values)
+    if (out[0], out[1]) != (tuple(OPENAI_MEAN), tuple(OPENAI_STD)):
+        logger.info("Backbone %s normalizes images with mean %s, std %s (its preprocess_cfg).", backbone, out[0], out[1])
+    return out[0], out[1]
 
 
 def _check_config_matches_clip(config: AnomalyCLIPConfig, clip: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Data set readers, SampleLoader, and the synthetic data generator."""
+"""Data set readers and the synthetic data generator (reading samples: tests/test_reader.py)."""
 
 from __future__ import annotations
 
@@ -9,26 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from anomalyclip.data.datasets import (
     FORMATS,
     AnomalyDataset,
     Sample,
-    SampleLoader,
     load_dataset,
     read_folder,
     read_meta,
     read_mvtec,
     read_visa,
 )
-from anomalyclip.errors import DatasetError, ImageLoadError, InvalidInputError
-from anomalyclip.preprocessing import preprocess_image, preprocess_mask
+from anomalyclip.errors import DatasetError, InvalidInputError
 from anomalyclip.data.synthetic import DEFECT_TYPES, make_synthetic_arrays, make_synthetic_dataset
 
 SIZE = (32, 40)  # (H, W): small and not square, so width/height mix-ups show
-S = 24  # processing size for SampleLoader tests
 CLASSES = ("texture_a", "texture_b")
 
 
@@ -300,53 +296,6 @@ def test_meta_errors(tmp_path):
     write({"test": {"c": [entry("c/n.png", "", 5)]}})
     with pytest.raises(DatasetError, match="'anomaly' must be 0 or 1"):
         read_meta(root)
-
-
-# ---------------------------------------------------------------- SampleLoader
-
-
-def test_sample_loader_items(tmp_path):
-    root = _make(tmp_path, "mvtec")
-    ds = read_mvtec(root).subset("texture_a")
-    loader = SampleLoader(ds, S)
-    assert len(loader) == 7
-    for i, s in enumerate(ds):
-        item = loader[i]
-        assert set(item) == {"pixel_values", "mask", "has_mask", "label", "index"}
-        assert item["pixel_values"].shape == (3, S, S) and item["pixel_values"].dtype == torch.float32
-        assert item["mask"].shape == (S, S) and item["mask"].dtype == torch.float32
-        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
-        assert item["label"] == s.label and item["index"] == i and item["has_mask"] is True
-        assert torch.equal(item["pixel_values"], preprocess_image(s.image_path, S))
-        if s.label:
-            assert torch.equal(item["mask"], preprocess_mask(s.mask_path, S)) and item["mask"].sum() > 0
-        else:
-            assert item["mask"].sum() == 0
-    batch = next(iter(torch.utils.data.DataLoader(loader, batch_size=7)))
-    assert batch["pixel_values"].shape == (7, 3, S, S) and batch["mask"].shape == (7, S, S)
-    assert batch["label"].tolist() == [s.label for s in ds] and batch["has_mask"].all()
-
-
-def test_sample_loader_maskless_mismatch_and_unreadable(tmp_path):
-    image = _write_png(tmp_path / "img.png", size_wh=(20, 16))
-    wrong = _write_png(tmp_path / "wrong_mask.png", size_wh=(16, 20), mode="L", value=255)
-    loader = SampleLoader([Sample(image, None, 1, "c", "crack"), Sample(image, wrong, 1, "c", "crack")], S)
-    item = loader[0]
-    assert item["has_mask"] is False and item["label"] == 1 and item["mask"].sum() == 0
-    with pytest.raises(DatasetError) as info:
-        loader[1]
-    message = str(info.value)
-    assert "img.png" in message and "wrong_mask.png" in message and "16x20" in message and "20x16" in message
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
-    with pytest.raises(ImageLoadError, match="broken.png"):
-        SampleLoader([Sample(broken, None, 0, "c", "good")], S)[0]
-    with pytest.raises(ImageLoadError, match="absent.png"):
-        SampleLoader([Sample(image, tmp_path / "absent.png", 1, "c", "crack")], S)[0]
-    with pytest.raises(DatasetError):
-        SampleLoader([], S)
-    with pytest.raises(InvalidInputError):
-        SampleLoader([Sample(image, None, 0, "c", "good")], 0)
 
 
 # ---------------------------------------------------------------- synthetic generator

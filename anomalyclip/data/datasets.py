@@ -1,9 +1,9 @@
-"""Readers for the usual anomaly-detection data layouts, and a torch ``Dataset`` over their samples.
+"""Readers for the usual anomaly-detection data layouts.
 
 Every reader returns an :class:`AnomalyDataset`: an immutable, deterministic sequence of
 :class:`Sample` (image path, mask path or ``None``, label 0 normal / 1 anomalous, class, defect).
-Images are not opened while reading a layout; :class:`SampleLoader` opens and preprocesses them
-exactly as the official AnomalyCLIP code does.
+Images are not opened while reading a layout; :class:`anomalyclip.data.reader.SampleReader` opens
+and preprocesses them exactly as the official AnomalyCLIP code does.
 
 Layouts (``load_dataset(root, format)``):
 
@@ -44,13 +44,10 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
-
-import torch
-from torch.utils.data import Dataset
+from typing import overload
 
 from ..errors import DatasetError, InvalidInputError
-from ..preprocessing import load_mask, prepare_image, preprocess_image, preprocess_mask
+from ..files import list_paths
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -58,7 +55,6 @@ __all__ = [
     "NORMAL_DEFECT",
     "Sample",
     "AnomalyDataset",
-    "SampleLoader",
     "read_mvtec",
     "read_visa",
     "read_meta",
@@ -76,8 +72,6 @@ FORMATS: tuple[str, ...] = ("mvtec", "visa", "meta", "folder")
 NORMAL_DEFECT = "good"
 #: Name of the mask folder in the MVTec AD and plain-folder layouts.
 _GROUND_TRUTH = "ground_truth"
-#: How many file names an error or warning lists before "... and N more".
-_LIST_LIMIT = 5
 
 _MVTEC_LAYOUT = (
     "<root>/<class>/{split}/good/*.png (normal), <root>/<class>/{split}/<defect>/*.png (anomalous), "
@@ -287,12 +281,6 @@ def _check_root(root: str | os.PathLike, layout: str) -> Path:
     return path
 
 
-def _listing(paths: Sequence[Any]) -> str:
-    shown = ", ".join(f"'{p}'" for p in paths[:_LIST_LIMIT])
-    more = f" and {len(paths) - _LIST_LIMIT} more" if len(paths) > _LIST_LIMIT else ""
-    return shown + more
-
-
 def _check_split(split: str, allowed: Sequence[str], reader: str) -> None:
     if split not in allowed:
         raise InvalidInputError(f"{reader}: split must be one of {', '.join(map(repr, allowed))}, got {split!r}.")
@@ -317,7 +305,7 @@ def _finalize(
         raise DatasetError(f"No images found in '{root}' ({format} layout). Expected layout: {layout}.")
     unmasked = [s.image_path for s in samples if s.label == 1 and s.mask_path is None]
     if unmasked:
-        what = f"{len(unmasked)} anomalous image(s) in '{root}' have no ground-truth mask: {_listing(unmasked)}."
+        what = f"{len(unmasked)} anomalous image(s) in '{root}' have no ground-truth mask: {list_paths(unmasked)}."
         if require_masks:
             raise DatasetError(
                 f"{what} Expected masks {mask_hint}. Add the masks, or pass require_masks=False to use "
@@ -354,7 +342,7 @@ def _finalize(
 def _raise_missing(paths: list[Path], what: str, source: Path) -> None:
     if paths:
         raise DatasetError(
-            f"{len(paths)} {what} listed in '{source}' do not exist: {_listing(paths)}. "
+            f"{len(paths)} {what} listed in '{source}' do not exist: {list_paths(paths)}. "
             "Check that the paths in the listing are relative to the data set root and that the files are there."
         )
 
@@ -730,78 +718,3 @@ def load_dataset(
     if name == "folder":
         return read_folder(root, require_masks=require_masks)
     raise InvalidInputError(f"Unknown data set format {format!r}. Valid formats: {', '.join(FORMATS)}.")
-
-
-# --------------------------------------------------------------------------------------------
-# torch Dataset
-# --------------------------------------------------------------------------------------------
-
-
-class SampleLoader(Dataset):
-    """A ``torch.utils.data.Dataset`` that loads and preprocesses samples for a model.
-
-    Images go through :func:`~anomalyclip.preprocessing.preprocess_image` and masks through
-    :func:`~anomalyclip.preprocessing.preprocess_mask` (the official preprocessing). Before
-    resizing, a mask must have the same (width, height) as its image.
-
-    Item ``i`` is a dict:
-
-    - ``pixel_values``: float32 ``[3, S, S]``, CLIP-normalized;
-    - ``mask``: float32 ``[S, S]`` in {0, 1}; all zeros for normal images (any ``mask_path`` of a
-      normal sample is ignored) and for anomalous images without a mask;
-    - ``has_mask``: bool, whether ``mask`` is ground truth (True for normal images and for
-      anomalous images with a mask; False for anomalous images with ``mask_path=None``);
-    - ``label``: int, 0 normal / 1 anomalous;
-    - ``index``: int, ``i``.
-
-    Args:
-        samples: the samples (an :class:`AnomalyDataset` or any sequence of :class:`Sample`).
-        image_size: the processing size S in pixels.
-
-    Raises (from ``__getitem__``):
-        ImageLoadError: an image or mask file that is missing or cannot be decoded (named).
-        DatasetError: a mask whose size differs from its image's (both files and sizes named).
-    """
-
-    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-            raise InvalidInputError(f"SampleLoader: image_size must be a positive int, got {image_size!r}.")
-        items = tuple(samples)
-        if not items:
-            raise DatasetError("SampleLoader got no samples; pass a non-empty data set.")
-        for item in items:
-            if not isinstance(item, Sample):
-                raise InvalidInputError(
-                    f"SampleLoader takes anomalyclip.data.datasets.Sample objects, got {type(item).__qualname__}."
-                )
-        self.samples = items
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
-        size = self.image_size
-        prepared = prepare_image(sample.image_path)
-        pixel_values = preprocess_image(prepared, size)
-        has_mask = sample.label == 0 or sample.mask_path is not None
-        if sample.label == 1 and sample.mask_path is not None:
-            mask_image = load_mask(sample.mask_path)
-            image_hw = prepared.size
-            if (mask_image.height, mask_image.width) != image_hw:
-                raise DatasetError(
-                    f"Mask '{sample.mask_path}' is {mask_image.width}x{mask_image.height} (width x height) but its "
-                    f"image '{sample.image_path}' is {image_hw[1]}x{image_hw[0]}. A mask must have its image's "
-                    "size; check that the mask belongs to this image."
-                )
-            mask = preprocess_mask(mask_image, size)
-        else:
-            mask = torch.zeros(size, size, dtype=torch.float32)
-        return {
-            "pixel_values": pixel_values,
-            "mask": mask,
-            "has_mask": has_mask,
-            "label": sample.label,
-            "index": int(index) if index >= 0 else len(self.samples) + int(index),
-        }

@@ -95,8 +95,9 @@ def evaluate(
     """Evaluate ``model`` on ``dataset`` with the official protocol.
 
     Args:
-        model: an :class:`~anomalyclip.AnomalyCLIP` (its ``config.image_size`` is the size S at
-            which images are processed and maps and masks are compared).
+        model: an :class:`~anomalyclip.AnomalyCLIP`. Images are preprocessed as its
+            ``preprocess`` / ``predict`` do (``config.image_size`` S, ``config.mean`` / ``std``);
+            maps and masks are compared at S x S.
         dataset: an :class:`~anomalyclip.data.datasets.AnomalyDataset` (see
             :func:`~anomalyclip.data.datasets.load_dataset`).
         batch_size: images per forward pass.
@@ -112,7 +113,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from ..data.datasets import SampleLoader
+    from ..data.reader import SampleReader
     from ..prefetch import default_num_workers
 
     if len(dataset) == 0:
@@ -133,7 +134,7 @@ def evaluate(
         maps = np.empty((n, size, size), dtype=np.float32) if with_masks else None
         masks = np.empty((n, size, size), dtype=bool) if with_masks else None
         loader = torch.utils.data.DataLoader(
-            SampleLoader(samples, size),
+            SampleReader.for_config(samples, model.config, masks=with_masks),
             batch_size=batch_size,
             num_workers=num_workers,
             shuffle=False,

@@ -31,15 +31,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..data.reader import SampleReader
 from ..errors import DatasetError, ImageLoadError, InvalidInputError
-from ..preprocessing import preprocess_image
 from ..files import atomic_path, cache_root
 
 __all__ = [
     "FeatureCache",
     "MemoryFeatureCache",
     "DiskFeatureCache",
-    "ImageReader",
     "feature_cache_key",
     "make_feature_cache",
     "fill_feature_cache",
@@ -312,30 +311,19 @@ def make_feature_cache(
     return cache
 
 
-class ImageReader(torch.utils.data.Dataset):
-    """Item ``i``: ``(i, pixel_values [3, S, S])``, the preprocessed image of ``samples[i]``
-    (official preprocessing with the given normalization; for a DataLoader)."""
-
-    def __init__(self, samples: Sequence[Any], size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.samples, self.size, self.mean, self.std = samples, size, tuple(mean), tuple(std)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, preprocess_image(self.samples[index].image_path, self.size, self.mean, self.std)
-
-
 def fill_feature_cache(
     model: Any,
     cache: FeatureCache,
-    reader: ImageReader,
+    reader: SampleReader,
     *,
     batch_size: int,
     num_workers: int = 0,
     progress: bool = True,
 ) -> int:
     """Encode the images missing from ``cache`` and store their features.
+
+    ``reader`` reads the images of the cache's samples as the model preprocesses them
+    (``SampleReader.for_config(samples, model.config, masks=False)``).
 
     Images are encoded in fixed chunks of ``batch_size`` consecutive indices (``0..b-1``,
     ``b..2b-1``, ...); a chunk with any missing image is encoded whole and its missing images are
@@ -353,7 +341,8 @@ def fill_feature_cache(
     loader = torch.utils.data.DataLoader(reader, batch_sampler=todo, num_workers=num_workers)
     stored = 0
     with tqdm(total=sum(len(c) for c in todo), desc="feature cache", unit="img", disable=not progress) as bar:
-        for indices, pixel_values in loader:
+        for batch in loader:
+            indices, pixel_values = batch["index"], batch["pixel_values"]
             with torch.no_grad():
                 features = model.encode_image(pixel_values.to(device=model.device, dtype=model.dtype))
             rows = [r for r, i in enumerate(indices.tolist()) if not cache.filled[i]]

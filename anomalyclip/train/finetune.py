@@ -39,15 +39,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME
+from ..data.reader import SampleReader
 from ..errors import CheckpointError, DatasetError, ImageLoadError, InvalidInputError
-from .feature_cache import FeatureCache, ImageReader, fill_feature_cache, format_bytes, make_feature_cache
+from .feature_cache import FeatureCache, fill_feature_cache, format_bytes, make_feature_cache
 from .losses import GlocalLoss, glocal_loss
-from ..preprocessing import load_mask, preprocess_mask
-from ..files import atomic_path, atomic_write
+from ..files import atomic_path, atomic_write, list_paths
 from ..runtime import resolve_dtype
 
 __all__ = [
@@ -166,11 +165,6 @@ def _as_samples(data: Any) -> list[Any]:
     return samples
 
 
-def _list_files(paths: Sequence[Any], limit: int = 5) -> str:
-    shown = ", ".join(f"'{p}'" for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-
-
 def _check_samples(samples: list[Any]) -> None:
     """Reject what training cannot use, naming the files: no samples, bad labels, no anomalies,
     anomalous images without masks, missing files. (A class without anomalous images is fine for
@@ -179,7 +173,7 @@ def _check_samples(samples: list[Any]) -> None:
         raise DatasetError("The training data set is empty; check the data root and format (no images found).")
     bad_labels = [s.image_path for s in samples if s.label not in (0, 1)]
     if bad_labels:
-        raise DatasetError(f"Labels must be 0 (normal) or 1 (anomalous); bad labels for {_list_files(bad_labels)}.")
+        raise DatasetError(f"Labels must be 0 (normal) or 1 (anomalous); bad labels for {list_paths(bad_labels)}.")
     if not any(s.label == 1 for s in samples):
         raise DatasetError(
             f"The training data ({len(samples)} images) has no anomalous image; the glocal training needs "
@@ -188,20 +182,20 @@ def _check_samples(samples: list[Any]) -> None:
     no_mask = [s.image_path for s in samples if s.label == 1 and s.mask_path is None]
     if no_mask:
         raise DatasetError(
-            f"{len(no_mask)} anomalous image(s) have no ground-truth mask: {_list_files(no_mask)}. Training needs "
+            f"{len(no_mask)} anomalous image(s) have no ground-truth mask: {list_paths(no_mask)}. Training needs "
             "a mask for every anomalous image; add the masks or leave these images out."
         )
     missing = [s.image_path for s in samples if not Path(s.image_path).is_file()]
     missing += [s.mask_path for s in samples if s.label == 1 and not Path(s.mask_path).is_file()]
     if missing:
-        raise ImageLoadError(f"File(s) not found: {_list_files(missing)}. Check the data set.")
+        raise ImageLoadError(f"File(s) not found: {list_paths(missing)}. Check the data set.")
 
 
 class MaskStore:
     """Preprocessed ground-truth masks at the processing size, packed 8 pixels per byte.
 
     Only anomalous samples are stored; normal images have all-zero masks (a mask file of a normal
-    sample is ignored, as :class:`anomalyclip.data.datasets.SampleLoader` does).
+    sample is ignored, as :class:`anomalyclip.data.reader.SampleReader` does).
     """
 
     def __init__(self, size: int) -> None:
@@ -230,56 +224,29 @@ class MaskStore:
         return sum(p.nbytes for p in self._packed.values())
 
 
-class _MaskReader(torch.utils.data.Dataset):
-    """Reads, checks and preprocesses the masks of some samples (used with a DataLoader)."""
-
-    def __init__(self, samples: list[Any], indices: list[int], size: int) -> None:
-        self.samples, self.indices, self.size = samples, indices, size
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        index = self.indices[i]
-        sample = self.samples[index]
-        mask = load_mask(sample.mask_path)
-        try:
-            with Image.open(sample.image_path) as img:  # reads the header only
-                image_size = img.size
-        except OSError as exc:
-            raise ImageLoadError(f"Cannot read image '{sample.image_path}': {exc}") from exc
-        if mask.size != image_size:
-            raise DatasetError(
-                f"Mask '{sample.mask_path}' is {mask.size[0]}x{mask.size[1]} px but its image '{sample.image_path}' "
-                f"is {image_size[0]}x{image_size[1]} px; a mask must have its image's size."
-            )
-        return index, preprocess_mask(mask, self.size)
-
-
-def _collate_list(items: list[Any]) -> list[Any]:
-    return items
-
-
-def _load_masks(samples: list[Any], size: int, num_workers: int, progress: bool) -> MaskStore:
-    """Preprocess every mask once (checking sizes) and reject data with no anomalous pixel."""
+def _load_masks(samples: list[Any], config: Any, num_workers: int, progress: bool) -> MaskStore:
+    """Preprocess every mask once (read by SampleReader, which checks sizes) and reject data with no
+    anomalous pixel."""
     from tqdm.auto import tqdm
 
+    size = config.image_size
     store = MaskStore(size)
     indices = [i for i, s in enumerate(samples) if s.label == 1]
+    reader = SampleReader.for_config(samples, config, images=False)
     loader = torch.utils.data.DataLoader(
-        _MaskReader(samples, indices, size), batch_size=16, num_workers=num_workers, collate_fn=_collate_list
+        torch.utils.data.Subset(reader, indices), batch_size=16, num_workers=num_workers
     )
     empty: list[Any] = []
     total = 0
     with tqdm(total=len(indices), desc="masks", unit="mask", disable=not progress, leave=False) as bar:
         for batch in loader:
-            for index, mask in batch:
+            for index, mask in zip(batch["index"].tolist(), batch["mask"]):
                 store.put(index, mask)
                 pixels = int((mask > 0.5).sum())
                 total += pixels
                 if pixels == 0:
                     empty.append(samples[index].mask_path)
-            bar.update(len(batch))
+            bar.update(len(batch["index"]))
     if total == 0:
         raise DatasetError(
             f"None of the {len(indices)} masks has an anomalous pixel at {size}x{size} px; the local loss "
@@ -291,7 +258,7 @@ def _load_masks(samples: list[Any], size: int, num_workers: int, progress: bool)
             len(empty),
             size,
             size,
-            _list_files(empty),
+            list_paths(empty),
         )
     return store
 
@@ -476,7 +443,7 @@ def _batch_features(
     batches: list[list[int]],
     model: Any,
     cache: FeatureCache | None,
-    reader: ImageReader,
+    reader: SampleReader,
     num_workers: int,
 ) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor], int]]:
     """Per batch: ``(image_features [b, D], patch_features {layer: [b, N, D]}, images encoded)``,
@@ -487,7 +454,8 @@ def _batch_features(
             yield image_features, patch_features, 0
         return
     loader = torch.utils.data.DataLoader(reader, batch_sampler=batches, num_workers=num_workers)
-    for _, pixel_values in loader:
+    for batch in loader:
+        pixel_values = batch["pixel_values"]
         with torch.no_grad():
             features = model.encode_image(pixel_values.to(device=model.device, dtype=model.dtype))
         yield features.image_features, features.patch_features, len(pixel_values)
@@ -615,10 +583,10 @@ def finetune(
         list(config.feature_layers),
         model.device,
     )
-    masks = _load_masks(samples, size, num_workers, progress)
+    masks = _load_masks(samples, config, num_workers, progress)
     history.mask_bytes = masks.nbytes
     logger.info("masks: %d preprocessed at %dx%d, %s packed", len(masks), size, size, format_bytes(masks.nbytes))
-    reader = ImageReader(samples, size, config.mean, config.std)
+    reader = SampleReader.for_config(samples, config, masks=False)
     cache = make_feature_cache(mode, model, samples, dtype, cache_dir)
     if cache is not None:
         history.cache_bytes = cache.nbytes
@@ -687,7 +655,7 @@ def _run_epoch(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     cache: FeatureCache | None,
-    reader: ImageReader,
+    reader: SampleReader,
     masks: MaskStore,
     labels: torch.Tensor,
     epoch: int,

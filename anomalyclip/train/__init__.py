@@ -1,3 +1,4 @@
 """Training: the paper's glocal finetune of the prompts (:func:`~anomalyclip.train.finetune.finetune`),
-its losses and the frozen-feature cache. Import the submodules directly; this package imports nothing
-on its own."""
+its losses, the frozen-feature cache, the ground-truth masks and the checkpoints. Training knows the
+model only through :class:`~anomalyclip.train.interface.TrainableModel`. Import the submodules
+directly; this package imports nothing on its own."""

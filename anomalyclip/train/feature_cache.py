@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..data.reader import SampleReader
 from ..errors import DatasetError, ImageLoadError, InvalidInputError
 from ..files import atomic_path, cache_root
+from .interface import TrainableModel
 
 __all__ = [
     "FeatureCache",
@@ -60,7 +61,7 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-def vision_fingerprint(model: Any) -> str:
+def vision_fingerprint(model: TrainableModel) -> str:
     """A cheap fingerprint of the vision weights: names, shapes and up to 4096 strided values of
     every vision parameter and buffer (a different CLIP, or one fine-tuned anywhere, differs)."""
     digest = hashlib.sha256()
@@ -73,7 +74,7 @@ def vision_fingerprint(model: Any) -> str:
     return digest.hexdigest()
 
 
-def feature_cache_key(model: Any, dtype: torch.dtype) -> dict[str, Any]:
+def feature_cache_key(model: TrainableModel, dtype: torch.dtype) -> dict[str, Any]:
     """Everything the cached vision features of an image depend on, besides the image itself."""
     c = model.config
     return {
@@ -256,7 +257,7 @@ def default_cache_dir() -> Path:
 
 def make_feature_cache(
     mode: str | None,
-    model: Any,
+    model: TrainableModel,
     samples: list[Any],
     dtype: torch.dtype,
     cache_dir: str | os.PathLike | None,
@@ -312,7 +313,7 @@ def make_feature_cache(
 
 
 def fill_feature_cache(
-    model: Any,
+    model: TrainableModel,
     cache: FeatureCache,
     reader: SampleReader,
     *,

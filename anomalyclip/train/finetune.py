@@ -12,26 +12,32 @@ augmentation, so an image's vision features never change. With ``feature_cache="
 default) or ``"disk"``, every image is encoded once, before the first epoch, and its global
 feature ``[D]`` and per-layer patch features ``[N, D]`` are stored in ``cache_dtype``; each epoch
 then costs only the text encoder and the losses. Ground-truth masks are preprocessed once, before
-training, and held in memory as packed bits (S*S/8 bytes per anomalous image).
+training, and held in memory as packed bits (:mod:`anomalyclip.train.masks`). Images and masks are
+read by :class:`anomalyclip.data.reader.SampleReader` with the model's preprocessing.
 
-Checkpoints. With ``output_dir``, each epoch ``k`` writes ``output_dir/epoch_{k}/``
-(``config.json`` + ``model.safetensors`` in the :meth:`~anomalyclip.AnomalyCLIP.save_pretrained`
-format, plus ``training_state.pt``: optimizer state, epoch, shuffling RNG state, history) and
-updates ``output_dir/config.json`` + ``output_dir/model.safetensors`` (the latest prompts, so
+Checkpoints (:mod:`anomalyclip.train.checkpoints`). With ``output_dir``, each epoch ``k`` writes
+``output_dir/epoch_{k}/`` (``config.json`` + ``model.safetensors`` in the
+:meth:`~anomalyclip.AnomalyCLIP.save_pretrained` format, plus ``training_state.pt``: optimizer
+state, epoch, shuffling RNG state, history) and updates ``output_dir/config.json`` + ``output_dir/model.safetensors`` (the latest prompts, so
 ``AnomalyCLIP.from_pretrained(output_dir)`` loads them) and ``output_dir/history.json``. Every file
 is written atomically; an interrupted run loses at most the epoch in progress and continues
 exactly with ``resume_from=output_dir``.
+
+Structure: :func:`finetune` checks its options (:class:`TrainingOptions`) and data, then
+:func:`_start_run` builds the run's state (:class:`_Run`: model, optimizer, shuffling RNG,
+history, resumed state), :func:`_prepare_data` reads the masks and fills the feature cache, and
+:func:`_train_epochs` runs :func:`_run_epoch` per epoch, each a loop of :func:`_step`, writing a
+checkpoint after each epoch. Training knows the model only through
+:class:`~anomalyclip.train.interface.TrainableModel`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,19 +45,21 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from ..config import CONFIG_NAME, WEIGHTS_NAME
 from ..data.reader import SampleReader
-from ..errors import CheckpointError, DatasetError, ImageLoadError, InvalidInputError
-from .feature_cache import FeatureCache, fill_feature_cache, format_bytes, make_feature_cache
-from .losses import GlocalLoss, glocal_loss
-from ..files import atomic_path, atomic_write, list_paths
+from ..errors import DatasetError, ImageLoadError, InvalidInputError, TrainingError
+from ..files import list_paths
 from ..runtime import resolve_dtype
+from .checkpoints import HISTORY_NAME, STATE_FORMAT, STATE_NAME, check_output_dir, resume, save_checkpoint
+from .feature_cache import FeatureCache, fill_feature_cache, format_bytes, make_feature_cache
+from .interface import TrainableModel
+from .losses import GlocalLoss, glocal_loss
+from .masks import MaskStore, load_masks
 
 __all__ = [
     "finetune",
     "batch_losses",
+    "TrainingOptions",
     "TrainingHistory",
     "EpochStats",
     "MaskStore",
@@ -61,13 +69,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Training state file inside each ``epoch_{k}`` checkpoint directory.
-STATE_NAME = "training_state.pt"
-#: Per-epoch losses and timings, at the root of ``output_dir``.
-HISTORY_NAME = "history.json"
-_STATE_FORMAT = 1
 _FEATURE_CACHE_MODES = ("memory", "disk")
-_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 
 
 # ============================================================================ results
@@ -140,7 +142,92 @@ class TrainingHistory:
         }
 
 
-# ============================================================================ samples and masks
+# ============================================================================ options
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The options of a :func:`finetune` run, checked (see :func:`finetune` for each).
+
+    ``feature_cache`` is ``"memory"``, ``"disk"`` or None; ``cache_dtype`` a torch dtype or None
+    (the model's dtype).
+    """
+
+    epochs: int = 15
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 111
+    shuffle: bool = True
+    feature_cache: str | None = "memory"
+    cache_dtype: torch.dtype | None = None
+    cache_dir: str | os.PathLike | None = None
+    num_workers: int = 0
+    progress: bool = True
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        betas: Sequence[float],
+        seed: int,
+        shuffle: bool,
+        feature_cache: str | None,
+        cache_dtype: str | torch.dtype | None,
+        cache_dir: str | os.PathLike | None,
+        num_workers: int,
+        progress: bool,
+    ) -> "TrainingOptions":
+        """Validate the user's options.
+
+        Raises:
+            InvalidInputError: naming the bad option and what it must be.
+        """
+        for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidInputError(f"seed must be an int, got {seed!r}.")
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise InvalidInputError(f"lr must be a positive number, got {lr!r}.")
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise InvalidInputError(f"betas must be two numbers in [0, 1), got {betas!r}.")
+        mode = None if feature_cache in (None, False, "none") else feature_cache
+        if mode is not None and mode not in _FEATURE_CACHE_MODES:
+            raise InvalidInputError(f"feature_cache must be 'memory', 'disk' or None, got {feature_cache!r}.")
+        dtype = resolve_dtype(cache_dtype) if cache_dtype is not None else None
+        if mode is None and cache_dtype is not None:
+            logger.warning("cache_dtype=%r has no effect without a feature cache.", cache_dtype)
+        return cls(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=float(lr),
+            betas=(float(betas[0]), float(betas[1])),
+            seed=seed,
+            shuffle=bool(shuffle),
+            feature_cache=mode,
+            cache_dtype=dtype,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+            progress=bool(progress),
+        )
+
+    def settings(self, samples: list[Any]) -> dict[str, Any]:
+        """What decides the result besides the model (compared when a run is resumed)."""
+        return {
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "data": _data_fingerprint(samples),
+        }
+
+
+# ============================================================================ samples
 
 
 def _as_samples(data: Any) -> list[Any]:
@@ -191,83 +278,18 @@ def _check_samples(samples: list[Any]) -> None:
         raise ImageLoadError(f"File(s) not found: {list_paths(missing)}. Check the data set.")
 
 
-class MaskStore:
-    """Preprocessed ground-truth masks at the processing size, packed 8 pixels per byte.
-
-    Only anomalous samples are stored; normal images have all-zero masks (a mask file of a normal
-    sample is ignored, as :class:`anomalyclip.data.reader.SampleReader` does).
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._packed: dict[int, np.ndarray] = {}
-
-    def put(self, index: int, mask: torch.Tensor) -> None:
-        """Store ``mask [S, S]`` (anything > 0.5 is anomalous)."""
-        self._packed[index] = np.packbits((mask > 0.5).numpy().reshape(-1))
-
-    def get(self, indices: Sequence[int]) -> torch.Tensor:
-        """``[len(indices), S, S]`` bool masks."""
-        s = self.size
-        out = np.zeros((len(indices), s, s), dtype=bool)
-        for row, index in enumerate(indices):
-            packed = self._packed.get(index)
-            if packed is not None:
-                out[row] = np.unpackbits(packed, count=s * s).reshape(s, s).astype(bool)
-        return torch.from_numpy(out)
-
-    def __len__(self) -> int:
-        return len(self._packed)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self._packed.values())
-
-
-def _load_masks(samples: list[Any], config: Any, num_workers: int, progress: bool) -> MaskStore:
-    """Preprocess every mask once (read by SampleReader, which checks sizes) and reject data with no
-    anomalous pixel."""
-    from tqdm.auto import tqdm
-
-    size = config.image_size
-    store = MaskStore(size)
-    indices = [i for i, s in enumerate(samples) if s.label == 1]
-    reader = SampleReader.for_config(samples, config, images=False)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(reader, indices), batch_size=16, num_workers=num_workers
-    )
-    empty: list[Any] = []
-    total = 0
-    with tqdm(total=len(indices), desc="masks", unit="mask", disable=not progress, leave=False) as bar:
-        for batch in loader:
-            for index, mask in zip(batch["index"].tolist(), batch["mask"]):
-                store.put(index, mask)
-                pixels = int((mask > 0.5).sum())
-                total += pixels
-                if pixels == 0:
-                    empty.append(samples[index].mask_path)
-            bar.update(len(batch["index"]))
-    if total == 0:
-        raise DatasetError(
-            f"None of the {len(indices)} masks has an anomalous pixel at {size}x{size} px; the local loss "
-            "needs defect masks (non-zero pixels mark anomalies). Check the mask files."
-        )
-    if empty:
-        logger.warning(
-            "%d anomalous image(s) have an empty mask at %dx%d px (they count as defect-free pixels): %s",
-            len(empty),
-            size,
-            size,
-            list_paths(empty),
-        )
-    return store
+def _data_fingerprint(samples: list[Any]) -> str:
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(f"{s.image_path}|{s.mask_path}|{s.label}\n".encode())
+    return digest.hexdigest()
 
 
 # ============================================================================ losses of a batch
 
 
 def batch_losses(
-    model: Any,
+    model: TrainableModel,
     image_features: torch.Tensor,
     patch_features: dict[int, torch.Tensor],
     masks: torch.Tensor,
@@ -295,174 +317,34 @@ def batch_losses(
     )
 
 
-# ============================================================================ checkpoints
+# ============================================================================ the run
 
 
-def _epoch_dirs(directory: Path) -> list[tuple[int, Path]]:
-    """``epoch_{k}`` subdirectories, highest ``k`` first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _EPOCH_DIR.match(p.name))]
-    return sorted(found, reverse=True)
+@dataclass
+class _Run:
+    """The state of one :func:`finetune` run, shared by its steps."""
 
+    model: TrainableModel
+    options: TrainingOptions
+    samples: list[Any]
+    labels: torch.Tensor  # [n] 0/1
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # the shuffling order
+    history: TrainingHistory
+    settings: dict[str, Any]  # compared on resume
+    metadata: dict[str, Any]  # recorded in config.extra["training"]
+    start_epoch: int = 0
+    masks: MaskStore | None = None
+    reader: SampleReader | None = None
+    cache: FeatureCache | None = None
 
-def _is_complete(checkpoint: Path) -> bool:
-
-    return all((checkpoint / n).is_file() for n in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME))
-
-
-def _resolve_resume(resume_from: str | os.PathLike) -> Path:
-    """The checkpoint directory to resume from: ``resume_from`` itself if it is one, else its
-    latest complete ``epoch_{k}`` subdirectory."""
-    path = Path(resume_from).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"resume_from='{path}' does not exist.")
-    if _is_complete(path):
-        return path
-    for _, candidate in _epoch_dirs(path):
-        if _is_complete(candidate):
-            return candidate
-    raise CheckpointError(
-        f"'{path}' holds no training checkpoint (an epoch_<k>/ directory with config.json, model.safetensors "
-        f"and {STATE_NAME}); pass the output_dir of an earlier finetune run or one of its epoch directories."
-    )
-
-
-def _load_state(checkpoint: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"Cannot read {checkpoint / STATE_NAME}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format_version") != _STATE_FORMAT:
-        raise CheckpointError(f"{checkpoint / STATE_NAME} is not a training state of this library version.")
-    return state
-
-
-def _save_checkpoint(model: Any, output_dir: Path, epoch: int, state: dict[str, Any], history: TrainingHistory) -> Path:
-    """Write ``epoch_{epoch}/`` (model + training state), then the latest model at the root and
-    the history. Every file is written atomically."""
-    checkpoint = output_dir / f"epoch_{epoch}"
-    model.save_pretrained(checkpoint)
-    with atomic_path(checkpoint / STATE_NAME) as tmp:
-        torch.save(state, tmp)
-    model.save_pretrained(output_dir)
-    with atomic_write(output_dir / HISTORY_NAME, "w") as handle:
-        handle.write(json.dumps(history.to_dict(), indent=2) + "\n")
-    return checkpoint
-
-
-def _data_fingerprint(samples: list[Any]) -> str:
-    digest = hashlib.sha256()
-    for s in samples:
-        digest.update(f"{s.image_path}|{s.mask_path}|{s.label}\n".encode())
-    return digest.hexdigest()
-
-
-# ============================================================================ finetune
-
-
-def _check_options(
-    epochs: int, batch_size: int, lr: float, betas: Sequence[float], seed: int, num_workers: int
-) -> tuple[float, float]:
-    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidInputError(f"seed must be an int, got {seed!r}.")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise InvalidInputError(f"lr must be a positive number, got {lr!r}.")
-    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise InvalidInputError(f"betas must be two numbers in [0, 1), got {betas!r}.")
-    return float(betas[0]), float(betas[1])
-
-
-def _cache_mode(feature_cache: str | None) -> str | None:
-    if feature_cache is None or feature_cache is False or feature_cache == "none":
-        return None
-    if feature_cache not in _FEATURE_CACHE_MODES:
-        raise InvalidInputError(f"feature_cache must be 'memory', 'disk' or None, got {feature_cache!r}.")
-    return feature_cache
-
-
-def _resume(
-    model: Any, resume_from: str | os.PathLike, settings: dict[str, Any]
-) -> tuple[Path, dict[str, Any]]:
-    """Load the prompts of the checkpoint to resume from into ``model``; return it and its state.
-
-    Raises:
-        CheckpointError: no checkpoint there, or one trained with other model settings.
-    """
-
-    checkpoint = _resolve_resume(resume_from)
-    state = _load_state(checkpoint)
-    try:
-        saved = json.loads((checkpoint / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"Cannot read {checkpoint / CONFIG_NAME}: {exc}") from exc
-    for key in ("backbone", "image_size", "feature_layers", "dpam_layers", "dpam_mode"):
-        mine = getattr(model.config, key)
-        mine = list(mine) if isinstance(mine, tuple) else mine
-        if saved.get(key) != mine:
-            raise CheckpointError(
-                f"Cannot resume from '{checkpoint}': it was trained with {key}={saved.get(key)!r}, the model has "
-                f"{mine!r}. Build the model with the same settings to continue that run."
-            )
-    model.load_prompts(load_file(str(checkpoint / WEIGHTS_NAME)), source=str(checkpoint / WEIGHTS_NAME))
-    changed = [k for k, v in settings.items() if state.get("settings", {}).get(k) != v]
-    if changed:
-        logger.warning(
-            "Resuming from %s with other %s than the interrupted run: the result will differ from an "
-            "uninterrupted run.",
-            checkpoint,
-            ", ".join(changed),
-        )
-    logger.info("Resuming from %s (epoch %d done).", checkpoint, int(state["epoch"]))
-    return checkpoint, state
-
-
-def _check_output_dir(out: Path, resumed_from: Path | None) -> None:
-    """Refuse to mix two runs' checkpoints in one directory."""
-    if not _epoch_dirs(out):
-        return
-    if resumed_from is not None and out.resolve() in (resumed_from.resolve(), resumed_from.resolve().parent):
-        return
-    raise InvalidInputError(
-        f"output_dir '{out}' already holds checkpoints of a training run; pass resume_from='{out}' to continue "
-        "it, or choose an empty output_dir."
-    )
-
-
-def _epoch_batches(
-    n: int, batch_size: int, shuffle: bool, generator: torch.Generator
-) -> list[list[int]]:
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
-
-
-def _batch_features(
-    batches: list[list[int]],
-    model: Any,
-    cache: FeatureCache | None,
-    reader: SampleReader,
-    num_workers: int,
-) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor], int]]:
-    """Per batch: ``(image_features [b, D], patch_features {layer: [b, N, D]}, images encoded)``,
-    from the cache, or from the vision encoder (no gradients) without one."""
-    if cache is not None:
-        for batch in batches:
-            image_features, patch_features = cache.get(batch)
-            yield image_features, patch_features, 0
-        return
-    loader = torch.utils.data.DataLoader(reader, batch_sampler=batches, num_workers=num_workers)
-    for batch in loader:
-        pixel_values = batch["pixel_values"]
-        with torch.no_grad():
-            features = model.encode_image(pixel_values.to(device=model.device, dtype=model.dtype))
-        yield features.image_features, features.patch_features, len(pixel_values)
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
 def finetune(
-    model: Any,
+    model: TrainableModel,
     data: Any,
     *,
     epochs: int = 15,
@@ -525,105 +407,140 @@ def finetune(
             loss.
         CheckpointError: ``resume_from`` holds no usable checkpoint, or one for other settings.
     """
-    betas = _check_options(epochs, batch_size, lr, betas, seed, num_workers)
-    mode = _cache_mode(feature_cache)
-    dtype = resolve_dtype(cache_dtype) if cache_dtype is not None else model.dtype
-    if mode is None and cache_dtype is not None:
-        logger.warning("cache_dtype=%r has no effect without a feature cache.", cache_dtype)
+    options = TrainingOptions.checked(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        betas=betas,
+        seed=seed,
+        shuffle=shuffle,
+        feature_cache=feature_cache,
+        cache_dtype=cache_dtype,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        progress=progress,
+    )
     samples = _as_samples(data)
     _check_samples(samples)
     out = Path(output_dir).expanduser() if output_dir is not None else None
-    settings = {
-        "batch_size": batch_size,
-        "seed": seed,
-        "shuffle": shuffle,
-        "lr": lr,
-        "betas": list(betas),
-        "data": _data_fingerprint(samples),
-    }
-    history = TrainingHistory(output_dir=out, feature_cache=mode)
+    run = _start_run(model, data, samples, options, out, resume_from)
+    if run.start_epoch >= options.epochs:
+        logger.info("Already trained for %d epochs (epochs=%d): nothing to do.", run.start_epoch, options.epochs)
+        return run.history
+    _prepare_data(run)
+    _train_epochs(run)
+    return run.history
+
+
+def _start_run(
+    model: TrainableModel,
+    data: Any,
+    samples: list[Any],
+    options: TrainingOptions,
+    out: Path | None,
+    resume_from: str | os.PathLike | None,
+) -> _Run:
+    """The run's state: history, optimizer and shuffling RNG, restored from ``resume_from`` if given."""
+    settings = options.settings(samples)
+    history = TrainingHistory(output_dir=out, feature_cache=options.feature_cache)
     state: dict[str, Any] | None = None
     if resume_from is not None:
-        history.resumed_from, state = _resume(model, resume_from, settings)
+        history.resumed_from, state = resume(model, resume_from, settings)
         history.epochs = [EpochStats(**e) for e in state.get("history", [])]
     if out is not None:
-        _check_output_dir(out, history.resumed_from)
-
-    # The prompts train in float32, also when CLIP runs in half precision.
+        check_output_dir(out, history.resumed_from)
     params = list(model.prompts.parameters())
-    if any(p.dtype != torch.float32 for p in params):
-        logger.info("Training the prompts in float32 (they were %s).", params[0].dtype)
-        model.prompts.float()
-        params = list(model.prompts.parameters())
-    optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
-    generator = torch.Generator().manual_seed(seed)
+    if any(p.dtype != torch.float32 for p in params):  # PromptLearner keeps them float32
+        raise TrainingError(f"The prompts must be float32 to train, got {params[0].dtype}.")
+    optimizer = torch.optim.Adam(params, lr=options.lr, betas=options.betas)
+    generator = torch.Generator().manual_seed(options.seed)
     start_epoch = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:
-            group["lr"], group["betas"] = lr, betas
+            group["lr"], group["betas"] = options.lr, options.betas
         generator.set_state(state["generator"])
         start_epoch = int(state["epoch"])
-    if start_epoch >= epochs:
-        logger.info("Already trained for %d epochs (epochs=%d): nothing to do.", start_epoch, epochs)
-        return history
-
-    config = model.config
-    size = config.image_size
     labels = torch.tensor([int(s.label) for s in samples])
-    logger.info(
-        "finetune: %d images (%d anomalous), epochs %d..%d, batch %d, lr %g, image size %d, layers %s, device %s",
-        len(samples),
-        int(labels.sum()),
-        start_epoch + 1,
-        epochs,
-        batch_size,
-        lr,
-        size,
-        list(config.feature_layers),
-        model.device,
-    )
-    masks = _load_masks(samples, config, num_workers, progress)
-    history.mask_bytes = masks.nbytes
-    logger.info("masks: %d preprocessed at %dx%d, %s packed", len(masks), size, size, format_bytes(masks.nbytes))
-    reader = SampleReader.for_config(samples, config, masks=False)
-    cache = make_feature_cache(mode, model, samples, dtype, cache_dir)
-    if cache is not None:
-        history.cache_bytes = cache.nbytes
-        started = time.perf_counter()
-        history.cache_encoded = fill_feature_cache(
-            model, cache, reader, batch_size=batch_size, num_workers=num_workers, progress=progress
-        )
-        history.cache_seconds = time.perf_counter() - started
-        logger.info("feature cache filled: %d images encoded in %.1f s", history.cache_encoded, history.cache_seconds)
     metadata = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "betas": list(betas),
-        "seed": seed,
+        "epochs": options.epochs,
+        "batch_size": options.batch_size,
+        "lr": options.lr,
+        "betas": list(options.betas),
+        "seed": options.seed,
         "num_images": len(samples),
         "num_anomalous": int(labels.sum()),
         "data_root": None if getattr(data, "root", None) is None else str(data.root),
         "data_format": getattr(data, "format", None),
     }
+    return _Run(
+        model=model,
+        options=options,
+        samples=samples,
+        labels=labels,
+        optimizer=optimizer,
+        generator=generator,
+        history=history,
+        settings=settings,
+        metadata=metadata,
+        start_epoch=start_epoch,
+    )
 
-    requires_grad = [p.requires_grad for p in params]
+
+def _prepare_data(run: _Run) -> None:
+    """Read the masks, and fill the feature cache (if any) before the first epoch."""
+    model, options, config = run.model, run.options, run.model.config
+    size = config.image_size
+    logger.info(
+        "finetune: %d images (%d anomalous), epochs %d..%d, batch %d, lr %g, image size %d, layers %s, device %s",
+        len(run.samples),
+        int(run.labels.sum()),
+        run.start_epoch + 1,
+        options.epochs,
+        options.batch_size,
+        options.lr,
+        size,
+        list(config.feature_layers),
+        model.device,
+    )
+    run.masks = load_masks(run.samples, config, num_workers=options.num_workers, progress=options.progress)
+    run.history.mask_bytes = run.masks.nbytes
+    logger.info("masks: %d preprocessed at %dx%d, %s packed", len(run.masks), size, size, format_bytes(run.masks.nbytes))
+    run.reader = SampleReader.for_config(run.samples, config, masks=False)
+    dtype = options.cache_dtype if options.cache_dtype is not None else model.dtype
+    run.cache = make_feature_cache(options.feature_cache, model, run.samples, dtype, options.cache_dir)
+    if run.cache is None:
+        return
+    run.history.cache_bytes = run.cache.nbytes
+    started = time.perf_counter()
+    run.history.cache_encoded = fill_feature_cache(
+        model,
+        run.cache,
+        run.reader,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        progress=options.progress,
+    )
+    run.history.cache_seconds = time.perf_counter() - started
+    logger.info("feature cache filled: %d images encoded in %.1f s", run.history.cache_encoded, run.history.cache_seconds)
+
+
+def _train_epochs(run: _Run) -> None:
+    """Epochs ``start_epoch + 1 .. epochs`` with the prompts in training mode (restored after)."""
+    model = run.model
+    requires_grad = [p.requires_grad for p in run.params]
     was_training = model.training
     model.train()
-    for p in params:
+    for p in run.params:
         p.requires_grad_(True)
     try:
-        for epoch in range(start_epoch + 1, epochs + 1):
-            stats = _run_epoch(
-                model, optimizer, generator, cache, reader, masks, labels, epoch, epochs, batch_size, shuffle,
-                num_workers, progress,
-            )
-            history.epochs.append(stats)
+        for epoch in range(run.start_epoch + 1, run.options.epochs + 1):
+            stats = _run_epoch(run, epoch)
+            run.history.epochs.append(stats)
             logger.info(
                 "epoch %d/%d: loss %.4f (image %.4f, local %.4f), %d steps, %.1f s",
                 epoch,
-                epochs,
+                run.options.epochs,
                 stats.loss,
                 stats.image_loss,
                 stats.local_loss,
@@ -631,62 +548,72 @@ def finetune(
                 stats.seconds,
             )
             model.config = model.config.replace(
-                extra={**model.config.extra, "training": {**metadata, "epoch": epoch, "loss": stats.loss}}
+                extra={**model.config.extra, "training": {**run.metadata, "epoch": epoch, "loss": stats.loss}}
             )
-            if out is not None:
-                checkpoint_state = {
-                    "format_version": _STATE_FORMAT,
-                    "epoch": epoch,
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "settings": settings,
-                    "history": [dataclasses.asdict(e) for e in history.epochs],
-                }
-                logger.info("saved %s", _save_checkpoint(model, out, epoch, checkpoint_state, history))
+            if run.history.output_dir is not None:
+                logger.info("saved %s", _checkpoint(run, epoch))
     finally:
-        for p, flag in zip(params, requires_grad):
+        for p, flag in zip(run.params, requires_grad):
             p.requires_grad_(flag)
         model.train(was_training)
-    return history
 
 
-def _run_epoch(
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    cache: FeatureCache | None,
-    reader: SampleReader,
-    masks: MaskStore,
-    labels: torch.Tensor,
-    epoch: int,
-    epochs: int,
-    batch_size: int,
-    shuffle: bool,
-    num_workers: int,
-    progress: bool,
-) -> EpochStats:
-    """One epoch of optimizer steps over shuffled batches; returns its mean losses and timing."""
+def _checkpoint(run: _Run, epoch: int) -> Path:
+    """Write the checkpoint of ``epoch`` (see :mod:`anomalyclip.train.checkpoints`)."""
+    assert run.history.output_dir is not None
+    state = {
+        "format_version": STATE_FORMAT,
+        "epoch": epoch,
+        "optimizer": run.optimizer.state_dict(),
+        "generator": run.generator.get_state(),
+        "settings": run.settings,
+        "history": [dataclasses.asdict(e) for e in run.history.epochs],
+    }
+    return save_checkpoint(run.model, run.history.output_dir, epoch, state, run.history.to_dict())
+
+
+# ============================================================================ one epoch
+
+
+def _epoch_batches(n: int, batch_size: int, shuffle: bool, generator: torch.Generator) -> list[list[int]]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+
+
+def _batch_features(
+    run: _Run, batches: list[list[int]]
+) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor], int]]:
+    """Per batch: ``(image_features [b, D], patch_features {layer: [b, N, D]}, images encoded)``,
+    from the cache, or from the vision encoder (no gradients) without one."""
+    if run.cache is not None:
+        for batch in batches:
+            image_features, patch_features = run.cache.get(batch)
+            yield image_features, patch_features, 0
+        return
+    model = run.model
+    loader = torch.utils.data.DataLoader(run.reader, batch_sampler=batches, num_workers=run.options.num_workers)
+    for batch in loader:
+        pixel_values = batch["pixel_values"]
+        with torch.no_grad():
+            features = model.encode_image(pixel_values.to(device=model.device, dtype=model.dtype))
+        yield features.image_features, features.patch_features, len(pixel_values)
+
+
+def _run_epoch(run: _Run, epoch: int) -> EpochStats:
+    """One epoch of optimizer steps over (re)shuffled batches; returns its mean losses and timing."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    batches = _epoch_batches(len(labels), batch_size, shuffle, generator)
+    options = run.options
+    batches = _epoch_batches(len(run.samples), options.batch_size, options.shuffle, run.generator)
     sums = np.zeros(3)
     encoded = 0
-    features = _batch_features(batches, model, cache, reader, num_workers)
-    with tqdm(total=len(batches), desc=f"epoch {epoch}/{epochs}", unit="step", disable=not progress) as bar:
+    features = _batch_features(run, batches)
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{options.epochs}", unit="step", disable=not options.progress)
+    with bar:
         for step, (batch, (image_features, patch_features, n_encoded)) in enumerate(zip(batches, features), start=1):
             encoded += n_encoded
-            loss = batch_losses(model, image_features, patch_features, masks.get(batch), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
-            optimizer.step()
-            values = np.array([loss.total.item(), loss.image.item(), loss.local.item()])
-            if not np.isfinite(values).all():
-                raise InvalidInputError(
-                    f"The loss became {values[0]} at epoch {epoch}, step {step}; lower lr, or train with a "
-                    "float32 model."
-                )
-            sums += values
+            sums += _step(run, batch, image_features, patch_features, where=f"epoch {epoch}, step {step}")
             bar.set_postfix(loss=f"{sums[0] / step:.4f}", image=f"{sums[1] / step:.4f}", local=f"{sums[2] / step:.4f}")
             bar.update(1)
     means = sums / max(len(batches), 1)
@@ -699,3 +626,23 @@ def _run_epoch(
         encoded=encoded,
         seconds=time.perf_counter() - started,
     )
+
+
+def _step(
+    run: _Run,
+    batch: list[int],
+    image_features: torch.Tensor,
+    patch_features: dict[int, torch.Tensor],
+    *,
+    where: str,
+) -> np.ndarray:
+    """One optimizer step on the samples ``batch``; returns ``[total, image, local]`` losses."""
+    assert run.masks is not None
+    loss = batch_losses(run.model, image_features, patch_features, run.masks.get(batch), run.labels[batch])
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    run.optimizer.step()
+    values = np.array([loss.total.item(), loss.image.item(), loss.local.item()])
+    if not np.isfinite(values).all():
+        raise InvalidInputError(f"The loss became {values[0]} at {where}; lower lr, or train with a float32 model.")
+    return values

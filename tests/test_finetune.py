@@ -20,10 +20,11 @@ from sklearn.metrics import roc_auc_score
 from anomalyclip import AnomalyCLIP
 from anomalyclip.train import finetune as training
 from anomalyclip.data.datasets import Sample, load_dataset
-from anomalyclip.errors import CheckpointError, DatasetError, ImageLoadError, InvalidInputError
+from anomalyclip.errors import CheckpointError, DatasetError, ImageLoadError, InvalidInputError, TrainingError
 from anomalyclip.preprocessing import preprocess_mask
 from anomalyclip.data.synthetic import make_synthetic_dataset
 from anomalyclip.train.finetune import STATE_NAME, finetune
+from anomalyclip.train.losses import GlocalLoss
 
 from .conftest import TINY_CLIP_REF
 
@@ -317,6 +318,67 @@ def test_empty_mask_warns_but_trains(tiny_clip, small_data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="anomalyclip"):
         finetune(_model(tiny_clip), data, epochs=1, progress=False)
     assert any("blank_mask.png" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- non-finite losses, dtypes
+
+
+def _poisoned_at(call: int, poison, seen: dict):
+    """A batch_losses that poisons the loss of its ``call``-th call, recording the prompts then."""
+    real = training.batch_losses
+    calls = {"n": 0}
+
+    def patched(model, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(model, *args, **kwargs)
+        if calls["n"] != call:
+            return loss
+        seen["before"] = _prompts(model)
+        return poison(model, loss)
+
+    return patched
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_non_finite_loss_or_gradient_stops_before_the_step(tiny_clip, small_data, monkeypatch, what):
+    def nan_loss(model, loss):
+        return GlocalLoss(total=loss.total * float("nan"), image=loss.image, local=loss.local)
+
+    def nan_gradient(model, loss):  # a finite loss (+ 0) whose gradient is 0 * inf = nan
+        zero = torch.sqrt(model.prompts.ctx_normal.sum() * 0.0)
+        return GlocalLoss(total=loss.total + 0.0 * zero, image=loss.image, local=loss.local)
+
+    seen: dict = {}
+    poison = nan_loss if what == "loss" else nan_gradient
+    monkeypatch.setattr(training, "batch_losses", _poisoned_at(2, poison, seen))
+    model = _model(tiny_clip).eval()
+    with pytest.raises(TrainingError, match="epoch 1, step 2") as info:
+        finetune(model, small_data, epochs=1, batch_size=4, progress=False)
+    assert not isinstance(info.value, InvalidInputError)
+    after = _prompts(model)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    _assert_same(seen["before"], after)  # bit-identical to the prompts before the bad step
+    assert not model.training and all(p.requires_grad for p in model.prompts.parameters())
+
+
+def test_bfloat16_model_trains_float32_prompts_from_unrounded_values(small_data, monkeypatch):
+    from anomalyclip.backbone import load_clip
+
+    model = AnomalyCLIP.from_clip(load_clip(TINY_CLIP_REF), backbone=TINY_CLIP_REF, image_size=SMALL, seed=0)
+    initial = _prompts(model)
+    model.to(dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+
+    seen: dict = {}
+    monkeypatch.setattr(training, "batch_losses", _poisoned_at(1, lambda model, loss: loss, seen))
+    history = finetune(model, small_data, epochs=2, batch_size=4, progress=False)
+    _assert_same(seen["before"], initial)  # training started from the float32 values, not bfloat16-rounded ones
+    assert all(p.dtype == torch.float32 for p in model.prompts.parameters())
+    assert model.dtype == torch.bfloat16 and history.feature_cache == "memory"
+    assert all(np.isfinite(history.losses)) and history.losses[-1] < history.losses[0]
+    after = _prompts(model)
+    assert all(not torch.equal(after[k], initial[k]) for k in after)
+    assert any(not torch.equal(after[k], after[k].bfloat16().float()) for k in after)  # not rounded either
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -23,6 +23,9 @@ state, epoch, shuffling RNG state, history) and updates ``output_dir/config.json
 is written atomically; an interrupted run loses at most the epoch in progress and continues
 exactly with ``resume_from=output_dir``.
 
+A non-finite loss or gradient stops training with :class:`~anomalyclip.errors.TrainingError`
+before the optimizer step, so the prompts are left as they were after the last good step.
+
 Structure: :func:`finetune` checks its options (:class:`TrainingOptions`) and data, then
 :func:`_start_run` builds the run's state (:class:`_Run`: model, optimizer, shuffling RNG,
 history, resumed state), :func:`_prepare_data` reads the masks and fills the feature cache, and
@@ -403,9 +406,10 @@ def finetune(
         DatasetError: empty data, no anomalous image, anomalous images without masks, masks
             without any anomalous pixel, a mask of another size than its image.
         ImageLoadError: a missing or unreadable image or mask (named).
-        InvalidInputError: a bad option, an ``output_dir`` holding another run, or a non-finite
-            loss.
+        InvalidInputError: a bad option, or an ``output_dir`` holding another run.
         CheckpointError: ``resume_from`` holds no usable checkpoint, or one for other settings.
+        TrainingError: a non-finite loss or gradient; raised before that optimizer step, so the
+            prompts keep the values of the last good step.
     """
     options = TrainingOptions.checked(
         epochs=epochs,
@@ -636,13 +640,26 @@ def _step(
     *,
     where: str,
 ) -> np.ndarray:
-    """One optimizer step on the samples ``batch``; returns ``[total, image, local]`` losses."""
+    """One optimizer step on the samples ``batch``; returns ``[total, image, local]`` losses.
+
+    The loss and the gradients are checked before the optimizer step: if either is not finite,
+    the prompts are left as they were and :class:`TrainingError` is raised.
+    """
     assert run.masks is not None
     loss = batch_losses(run.model, image_features, patch_features, run.masks.get(batch), run.labels[batch])
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.total.backward()
-    run.optimizer.step()
     values = np.array([loss.total.item(), loss.image.item(), loss.local.item()])
     if not np.isfinite(values).all():
-        raise InvalidInputError(f"The loss became {values[0]} at {where}; lower lr, or train with a float32 model.")
+        raise TrainingError(
+            f"The loss became {values[0]} (image {values[1]}, local {values[2]}) at {where}; the prompts are "
+            "left as they were after the previous step. Lower lr, or train with a float32 model."
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(
+            f"The gradients of the prompts became non-finite at {where} (loss {values[0]}); the prompts are left "
+            "as they were after the previous step. Lower lr, or train with a float32 model."
+        )
+    run.optimizer.step()
     return values

@@ -41,6 +41,7 @@ _EXPORTS = {
     "DatasetError": ".errors",
     "ImageLoadError": ".errors",
     "InvalidInputError": ".errors",
+    "ResourceError": ".errors",
     "TrainingError": ".errors",
     "WeightsNotFoundError": ".errors",
 }
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         DatasetError,
         ImageLoadError,
         InvalidInputError,
+        ResourceError,
         TrainingError,
         WeightsNotFoundError,
     )

@@ -15,6 +15,7 @@ __all__ = [
     "WeightsNotFoundError",
     "DatasetError",
     "TrainingError",
+    "ResourceError",
 ]
 
 
@@ -48,3 +49,8 @@ class DatasetError(AnomalyCLIPError, ValueError):
 
 class TrainingError(AnomalyCLIPError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the prompts are left as they were."""
+
+
+class ResourceError(AnomalyCLIPError, MemoryError):
+    """The work does not fit in the memory of its device (GPU or CPU); the message says what ran
+    and how to make it fit (smaller batch_size or image_size, a lower-precision dtype, ...)."""

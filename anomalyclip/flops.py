@@ -34,8 +34,11 @@ last block).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import InvalidInputError
 
 __all__ = ["ModelDims", "count_inference_flops"]
 
@@ -57,6 +60,26 @@ class ModelDims:
     text_mlp_width: int = 3072
     text_length: int = 17  # tokens up to the anomalous prompt's end-of-text token
     n_prompts: int = 2
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "feature_layers":
+                if not value or not all(isinstance(i, int) and 1 <= i <= self.layers for i in value):
+                    raise InvalidInputError(
+                        f"ModelDims.feature_layers must be 1-based block indices in 1..{self.layers}, got {value!r}."
+                    )
+                continue
+            low = 0 if f.name == "dpam_layers" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidInputError(f"ModelDims.{f.name} must be an int >= {low}, got {value!r}.")
+        if self.dpam_layers > self.layers:
+            raise InvalidInputError(f"ModelDims.dpam_layers ({self.dpam_layers}) exceeds layers ({self.layers}).")
+        if self.image_size % self.patch_size:
+            raise InvalidInputError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size} "
+                f"(e.g. {max(1, round(self.image_size / self.patch_size)) * self.patch_size})."
+            )
 
     @classmethod
     def from_clip(
@@ -113,9 +136,11 @@ def count_inference_flops(dims: ModelDims | None = None, *, official_style: bool
     """
     d = dims if dims is not None else ModelDims()
     if overrides:
-        d = ModelDims(**{**d.__dict__, **overrides})
-    if d.image_size % d.patch_size:
-        raise ValueError(f"image_size {d.image_size} is not a multiple of patch_size {d.patch_size}")
+        known = {f.name for f in dataclasses.fields(ModelDims)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InvalidInputError(f"Unknown ModelDims field(s) {unknown}; known: {sorted(known)}.")
+        d = dataclasses.replace(d, **overrides)
     grid = d.image_size // d.patch_size
     n, w, m, L = 1 + grid * grid, d.width, d.mlp_width, d.layers
     n_dpam = d.dpam_layers

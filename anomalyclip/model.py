@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from .prefetch import default_num_workers, prefetch_batches, stack_batch
 from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .files import atomic_path, atomic_write, cache_root
-from .runtime import resolve_device, resolve_dtype
+from .runtime import is_out_of_memory, out_of_memory_error, resolve_device, resolve_dtype
 from .scoring import anomaly_maps, image_scores
 from .eval.thresholds import Thresholds
 from .vision import encode_image
@@ -48,6 +49,29 @@ logger = logging.getLogger(__name__)
 
 def _is_image_list(images: Any) -> bool:
     return isinstance(images, (list, tuple))
+
+
+def _reports_out_of_memory(forward):
+    """Decorate ``forward``: running out of memory becomes a :class:`ResourceError` naming the
+    batch, size, dtype and device, and how to fit (not a deep torch stack trace)."""
+
+    @functools.wraps(forward)
+    def wrapper(self: "AnomalyCLIP", pixel_values: torch.Tensor, *args: Any, **kwargs: Any):
+        try:
+            return forward(self, pixel_values, *args, **kwargs)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            shape = "x".join(str(n) for n in pixel_values.shape)
+            raise out_of_memory_error(
+                exc,
+                f"running AnomalyCLIP on pixel_values [{shape}] in {str(self.dtype).replace('torch.', '')} on "
+                f"{self.device}",
+                "Use a smaller batch_size (predict, calibrate, evaluate), a smaller image_size "
+                "(model.reconfigure(image_size=...)), fewer feature_layers, or dtype='bfloat16' / 'float16' on a GPU.",
+            ) from exc
+
+    return wrapper
 
 
 class AnomalyCLIP(nn.Module):
@@ -487,6 +511,7 @@ class AnomalyCLIP(nn.Module):
         if pixel_values.device.type == "cpu" and not torch.isfinite(pixel_values).all():
             raise InvalidInputError("pixel_values contains NaN or infinite values.")
 
+    @_reports_out_of_memory
     def forward(self, pixel_values: torch.Tensor) -> AnomalyOutput:
         """Scores and anomaly maps of preprocessed images.
 
@@ -503,6 +528,12 @@ class AnomalyCLIP(nn.Module):
         pinned memory truly in the background, so do not write into a pinned input before the
         outputs have been read) and converted to the model's dtype on the GPU; the outputs are
         ready when read (e.g. ``.cpu()``). The text features are computed once and cached.
+
+        Raises:
+            InvalidInputError: ``pixel_values`` is not a float tensor ``[B, 3, S, S]`` (or, on the
+                CPU, holds NaN or infinite values).
+            ResourceError: the batch does not fit in the device's memory (the message says how
+                to make it fit).
         """
         self._check_pixel_values(pixel_values)
         if self.device.type == "cuda" and pixel_values.device != self.device:
@@ -658,7 +689,17 @@ class AnomalyCLIP(nn.Module):
         """
         from .train.finetune import finetune
 
-        return finetune(self, data, **options)
+        try:
+            return finetune(self, data, **options)
+        except BaseException as exc:
+            if is_out_of_memory(exc):
+                raise out_of_memory_error(
+                    exc,
+                    f"finetuning at image_size {self.config.image_size} on {self.device}",
+                    "Use a smaller batch_size or image_size, feature_cache='disk' or cache_dtype='float16' "
+                    "(the feature cache), or fewer feature_layers.",
+                ) from exc
+            raise
 
     def extra_repr(self) -> str:
         c = self.config

@@ -16,9 +16,13 @@ CLIP can never be run silently on another.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pickle
+import pickletools
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -48,11 +52,7 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (IndexError, UnpicklingError, ...) on bad files
-        raise CheckpointError(
-            f"Cannot read '{path}' as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            "Expected an official AnomalyCLIP .pth such as epoch_15.pth; files that need arbitrary "
-            "pickled code are refused for safety."
-        ) from exc
+        raise _load_error(path, exc) from exc
     if isinstance(data, dict) and "prompt_learner" in data:
         data = data["prompt_learner"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -60,6 +60,71 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
             f"'{path}' does not hold an AnomalyCLIP prompt state dict (expected {{'prompt_learner': {{name: tensor}}}})."
         )
     return dict(data)
+
+
+# Globals a plain tensor checkpoint may name (torch's own rebuild functions and storages, OrderedDict).
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode")
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _pickle_globals(path: Path) -> list[str] | None:
+    """The ``module.name`` objects the pickle(s) of a checkpoint would import, or None when the file
+    cannot be parsed as one (corrupt, truncated, another format). Nothing is executed."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                streams = [archive.read(n) for n in archive.namelist() if n.endswith("data.pkl")]
+            if not streams:
+                return None
+        else:
+            streams = [path.read_bytes()]
+        found: list[str] = []
+        for data in streams:
+            buffer = io.BytesIO(data)
+            # The legacy format is several pickles in a row (magic, version, info, object, keys),
+            # then raw storage bytes: parse up to 5; a failure after the first is the raw data.
+            for index in range(5):
+                strings: list[str] = []
+                try:
+                    for opcode, arg, _ in pickletools.genops(buffer):
+                        if opcode.name in _STRING_OPS:
+                            strings.append(str(arg))
+                        elif opcode.name == "GLOBAL":
+                            found.append(str(arg).replace(" ", "."))
+                        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                            found.append(".".join(strings[-2:]))
+                except Exception:
+                    if index == 0:
+                        return None
+                    break
+                if buffer.tell() >= len(data):
+                    break
+        return found
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return None
+
+
+def _load_error(path: Path, exc: Exception) -> CheckpointError:
+    """Why ``torch.load(path, weights_only=True)`` failed: a refusal for safety (the file would run
+    code) or a file that is not a readable checkpoint (corrupt, truncated, another format)."""
+    detail = (str(exc).strip().splitlines() or [""])[0][:200]
+    refused: list[str] = []
+    if isinstance(exc, pickle.UnpicklingError):
+        named = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        scanned = _pickle_globals(path) or []
+        refused = sorted(set(named) | {g for g in scanned if not g.startswith(_SAFE_GLOBAL_PREFIXES)})
+    if refused:
+        return CheckpointError(
+            f"Refused to load '{path}' for safety: it would import the Python object(s) {', '.join(refused)}, "
+            "which can run arbitrary code (torch.load with weights_only=True refuses them). An official "
+            "AnomalyCLIP checkpoint holds only tensors: check where this file came from."
+        )
+    return CheckpointError(
+        f"Cannot read '{path}': it is not a readable PyTorch checkpoint; it is corrupt or truncated (an "
+        f"interrupted download?) or in another format ({type(exc).__name__}: {detail}). Download it again "
+        "(e.g. `anomalyclip fetch official-visa`) or check the path; expected an official AnomalyCLIP .pth "
+        "such as epoch_15.pth."
+    )
 
 
 def _check_close(name: str, stored: torch.Tensor, expected: torch.Tensor, what: str) -> None:

@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union, cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -62,13 +62,19 @@ class PreparedImage:
     pil: Image.Image | None
     array: np.ndarray | None
 
+    def __post_init__(self) -> None:
+        if (self.pil is None) == (self.array is None):
+            raise InvalidInputError(
+                "PreparedImage needs exactly one of pil and array; build it with anomalyclip.preprocessing.prepare_image()."
+            )
+
     @property
     def size(self) -> tuple[int, int]:
         """Original ``(height, width)`` in pixels."""
         if self.pil is not None:
             return (self.pil.height, self.pil.width)
-        assert self.array is not None
-        return (int(self.array.shape[0]), int(self.array.shape[1]))
+        array = cast(np.ndarray, self.array)
+        return (int(array.shape[0]), int(array.shape[1]))
 
 
 def _describe(image: object) -> str:
@@ -189,8 +195,7 @@ def _to_rgb_float(prepared: PreparedImage, size: int) -> np.ndarray:
     if prepared.pil is not None:
         resized = prepared.pil.resize((size, size), Image.BICUBIC).convert("RGB")
         return np.asarray(resized, dtype=np.float32) / 255.0
-    arr = prepared.array
-    assert arr is not None
+    arr = cast(np.ndarray, prepared.array)  # PreparedImage holds an array when it holds no PIL image
     if arr.shape[2] == 4:
         # PIL resizes RGBA with premultiplied alpha; do the same so float and 8-bit inputs agree.
         alpha = arr[:, :, 3:4]

@@ -1,12 +1,16 @@
-"""Device and dtype selection."""
+"""Device and dtype selection, and telling when a device ran out of memory."""
 
 from __future__ import annotations
 
 import torch
 
-from .errors import InvalidInputError
+from .errors import AnomalyCLIPError, InvalidInputError, ResourceError
 
-__all__ = ["resolve_device", "resolve_dtype"]
+__all__ = ["resolve_device", "resolve_dtype", "is_out_of_memory", "out_of_memory_error"]
+
+# What torch's allocators say when they fail: CUDA / MPS ("... out of memory ...") and the CPU
+# ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes").
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "DefaultCPUAllocator")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -44,3 +48,22 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise InvalidInputError(f"Unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}.")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory (CUDA, MPS or CPU allocator, or Python)."""
+    if isinstance(exc, AnomalyCLIPError):
+        return False
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+def out_of_memory_error(exc: BaseException, what: str, advice: str) -> ResourceError:
+    """A :class:`ResourceError` for ``exc``: what ran out of memory, torch's own words, the fix.
+
+    Raise it ``from exc``.
+    """
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ResourceError(f"Out of memory while {what} ({detail[:300]}). {advice}")

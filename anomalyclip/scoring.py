@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError
+
 __all__ = [
     "class_logits",
     "image_scores",
@@ -164,9 +166,10 @@ def anomaly_maps(
     sigma: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw (layer sum) and final (blurred) anomaly maps, each ``[B, S, S]`` float32."""
+    if not patch_features:
+        raise InvalidInputError("patch_features is empty: pass the tokens of at least one output layer.")
     raw = sum(
         layer_anomaly_map(patch_probability_maps(tokens, text_features, temperature, image_size))
         for tokens in patch_features.values()
     )
-    assert isinstance(raw, torch.Tensor)
     return raw, gaussian_blur(raw, sigma)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidInputError
+from .errors import BackboneError, InvalidInputError
 from .ops import (
     attention,
     get_cpu_low_precision_matmul,
@@ -95,9 +95,14 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     checkpoint's own table every time; the class position is kept.
     """
     n_patches = pos.shape[0] - 1
-    src = int(round(n_patches**0.5))
-    if src * src != n_patches:
-        raise ValueError(f"positional embedding of {pos.shape[0]} rows is not 1 + a square grid")
+    src = int(round(max(n_patches, 0) ** 0.5))
+    if pos.ndim != 2 or n_patches < 1 or src * src != n_patches:
+        raise BackboneError(
+            f"The backbone's positional embedding has shape {list(pos.shape)}: not [1 + g*g, width] (a class "
+            "token and a square grid of patches). AnomalyCLIP needs a ViT CLIP with a square patch grid."
+        )
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise InvalidInputError(f"grid must be a positive int (patches per side), got {grid!r}.")
     if src == grid:
         return pos
     cls_pos, patch_pos = pos[:1], pos[1:]

@@ -164,3 +164,12 @@ def test_all_normal_class_has_undefined_image_metrics(model, tmp_path):
 def test_empty_dataset_is_an_error(model, mvtec_root):
     with pytest.raises(DatasetError, match="empty"):
         evaluate(model, load_dataset(mvtec_root, "mvtec")[:0], progress=False)
+
+
+@pytest.mark.parametrize("options, message", [({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+                                              ({"num_workers": -1}, r"num_workers must be an int >= 0 \(or None: the default\), got -1")])
+def test_bad_loader_options_are_invalid_input(model, mvtec_root, options, message):
+    from anomalyclip import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):  # not torch's DataLoader ValueError
+        evaluate(model, load_dataset(mvtec_root, "mvtec"), progress=False, **options)

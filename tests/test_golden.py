@@ -16,6 +16,9 @@ from .conftest import IMAGE_A, IMAGE_B, MASK_A, OFFICIAL_PTH, TINY_CLIP_REF
 
 LAYERS = {"top": (24,), "multi": (6, 12, 18, 24)}
 IMAGES = {"a": IMAGE_A, "b": IMAGE_B}
+# Patch tokens the golden run stored (to keep the fixture small): every output layer of image a,
+# the top layer of image b.
+PATCH_TOKENS = {("a", "top"): (24,), ("a", "multi"): (6, 12, 18, 24), ("b", "top"): (24,), ("b", "multi"): ()}
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,12 +66,17 @@ def test_features_scores_and_maps(outputs, golden, variant, index, name):
     assert _max_abs(out.image_features[index : index + 1], golden[f"{prefix}.image_features"]) < 1e-4
     assert _max_abs(out.scores[index : index + 1], golden[f"{prefix}.score"]) < 1e-4
     assert _max_abs(out.anomaly_maps[index : index + 1], golden[f"{prefix}.anomaly_map"]) < 1e-3
-    for layer in LAYERS[variant]:
-        key = f"{prefix}.patch_tokens.{layer}"
-        if key in golden:
-            expected = golden[key]
-            scale = float(expected.abs().max())
-            assert _max_abs(out.patch_features[layer][index : index + 1], expected) / scale < 1e-4
+    for layer in PATCH_TOKENS[(name, variant)]:
+        expected = golden[f"{prefix}.patch_tokens.{layer}"]
+        scale = float(expected.abs().max())
+        assert _max_abs(out.patch_features[layer][index : index + 1], expected) / scale < 1e-4
+
+
+def test_golden_file_holds_exactly_the_patch_tokens_checked(golden):
+    """The patch-token checks above cover every stored key: none is skipped silently."""
+    stored = {key for key in golden if ".patch_tokens." in key}
+    checked = {f"{name}.{variant}.patch_tokens.{layer}" for (name, variant), layers in PATCH_TOKENS.items() for layer in layers}
+    assert stored == checked
 
 
 def test_raw_map_before_blur(outputs, golden):

@@ -71,17 +71,40 @@ def test_unreadable_and_unsafe_files(tmp_path, tiny_clip):
         _convert(tmp_path / "missing.pth", tiny_clip)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="Cannot read"):
+    with pytest.raises(CheckpointError, match="Cannot read .*garbage.pth': it is not a readable PyTorch checkpoint"):
         _convert(garbage, tiny_clip)
-    # A pickle that would run code on load is refused by weights_only=True.
+    # A pickle that would run code on load is refused by weights_only=True, and said so.
     unsafe = tmp_path / "unsafe.pth"
     with open(unsafe, "wb") as f:
         pickle.dump({"prompt_learner": {"ctx_pos": shutil.rmtree}}, f)
-    with pytest.raises(CheckpointError, match="refused for safety|Cannot read"):
+    with pytest.raises(CheckpointError, match=r"Refused to load .* for safety: it would import .*shutil\.rmtree"):
         _convert(unsafe, tiny_clip)
     torch.save({"something": 1}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="prompt state dict"):
         _convert(tmp_path / "other.pth", tiny_clip)
+
+
+class _NotATensor:  # a class torch.save pickles by reference: weights_only loading refuses it
+    pass
+
+
+@pytest.mark.parametrize("cut", [0, 100, 0.5, -10])
+def test_a_truncated_checkpoint_is_corrupt_not_unsafe(tmp_path, tiny_clip, cut):
+    """A cut-off download says 'corrupt or truncated', never 'refused for safety'."""
+    data = OFFICIAL_PTH.read_bytes()
+    end = int(len(data) * cut) if isinstance(cut, float) else cut
+    truncated = tmp_path / "epoch_15.pth"
+    truncated.write_bytes(data[:end])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint; it is corrupt or truncated") as info:
+        _convert(truncated, tiny_clip)
+    assert "safety" not in str(info.value)
+
+
+def test_a_checkpoint_with_foreign_objects_is_refused_for_safety(tmp_path, tiny_clip):
+    torch.save({"prompt_learner": {"ctx_pos": _NotATensor()}}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match=r"for safety: it would import .*_NotATensor") as info:
+        _convert(tmp_path / "foreign.pth", tiny_clip)
+    assert "corrupt" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- presets

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DatasetError
+from ..errors import DatasetError, InvalidInputError
 from .metrics import compute_metrics
 from ..files import atomic_write
 
@@ -118,9 +118,13 @@ def evaluate(
 
     if len(dataset) == 0:
         raise DatasetError("The data set is empty; nothing to evaluate.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
     device = getattr(model, "device", torch.device("cpu"))
     if num_workers is None:
         num_workers = default_num_workers(device)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise InvalidInputError(f"num_workers must be an int >= 0 (or None: the default), got {num_workers!r}.")
     size = model.config.image_size
     classes: dict[str, dict[str, float]] = {}
     counts: dict[str, dict[str, int]] = {}

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.reader import SampleReader
 from ..errors import DatasetError, ImageLoadError, InvalidInputError
+from ..runtime import is_out_of_memory, out_of_memory_error
 from ..files import atomic_path, cache_root
 from .interface import TrainableModel
 
@@ -139,7 +140,10 @@ class FeatureCache:
         """``([b, D], {layer: [b, N, D]})`` in the cache dtype, on the CPU."""
         not_there = self.missing(indices)
         if not_there:
-            raise KeyError(f"feature cache has no entry for samples {not_there[:5]}")
+            raise InvalidInputError(
+                f"The feature cache has no entry for sample(s) {not_there[:5]}{' ...' if len(not_there) > 5 else ''} "
+                f"({len(not_there)} missing); put() their features first (fill_feature_cache does it for a data set)."
+            )
         return self._load(list(indices))
 
     def _store(self, indices: list[int], image: torch.Tensor, patches: dict[int, torch.Tensor]) -> None:
@@ -279,11 +283,14 @@ def make_feature_cache(
     if mode == "memory":
         try:
             cache: FeatureCache = MemoryFeatureCache(len(samples), layers, n_tokens, c.embed_dim, dtype)
-        except RuntimeError as exc:  # allocation failure
-            raise InvalidInputError(
-                f"Cannot allocate the in-memory feature cache ({len(samples)} images x (1 + {len(layers)} x "
-                f"{n_tokens}) x {c.embed_dim} values in {dtype}): {exc}. Use cache_dtype='float16', "
-                "feature_cache='disk' or feature_cache=None."
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory_error(
+                exc,
+                f"allocating the in-memory feature cache ({len(samples)} images x (1 + {len(layers)} x {n_tokens}) x "
+                f"{c.embed_dim} values in {str(dtype).replace('torch.', '')})",
+                "Use cache_dtype='float16', feature_cache='disk' or feature_cache=None.",
             ) from exc
         logger.info("feature cache (memory, %s): %s", str(dtype).replace("torch.", ""), cache.describe())
         return cache

@@ -154,9 +154,8 @@ def glocal_loss(
     size = int(masks.shape[-1])
     masks = masks.to(device=text_features.device)
     glob = image_loss(image_features, text_features, labels, temperature)
-    local = sum(
-        local_loss(patch_probability_maps(tokens, text_features, temperature, size), masks)
-        for tokens in patch_features.values()
-    )
-    assert isinstance(local, torch.Tensor)
+    terms = [local_loss(patch_probability_maps(tokens, text_features, temperature, size), masks) for tokens in patch_features.values()]
+    local = terms[0]
+    for term in terms[1:]:
+        local = local + term
     return GlocalLoss(total=local_weight * local + glob, image=glob, local=local)

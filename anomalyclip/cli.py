@@ -34,6 +34,9 @@ def _add_model_options(p: argparse.ArgumentParser, *, required: bool = False) ->
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="compute dtype (default float32)")
     p.add_argument("--image-size", type=int, default=None, help="processing size S (default: the model's, 518)")
     p.add_argument("--feature-layers", type=int, nargs="+", default=None, help="output layers, e.g. 6 12 18 24")
+    p.add_argument("--dpam-layers", type=int, default=None, help="final vision blocks with DPAM (default: the model's, 19 of 24)")
+    p.add_argument("--dpam-mode", default=None, choices=("vv", "qq", "kk"), help="DPAM attention (default: the model's, vv)")
+    p.add_argument("--sigma", type=float, default=None, help="Gaussian blur of the map in pixels (default: the model's, 4)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
 
 
@@ -51,8 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or directories (searched recursively)")
     _add_model_options(p)
     p.add_argument("--out", default="anomalyclip-out", help="output directory (default: anomalyclip-out)")
-    p.add_argument("--threshold", type=float, default=None, help="image-score threshold: adds a label column")
-    p.add_argument("--pixel-threshold", type=float, default=None, help="map threshold: outlines the mask on overlays")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="image-score threshold in [0, 1]: adds a label column (default: the model's saved thresholds, if any)",
+    )
+    p.add_argument(
+        "--pixel-threshold",
+        type=float,
+        default=None,
+        help="map threshold, on the map's scale [0, number of feature layers]: outlines the mask on overlays "
+        "(default: the model's saved thresholds, if any)",
+    )
+    p.add_argument("--no-thresholds", action="store_true", help="ignore the thresholds saved with the model")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in the overlays")
     p.set_defaults(handler=_predict)
@@ -135,6 +150,9 @@ def _load_model(args: argparse.Namespace):
         dtype=args.dtype,
         image_size=args.image_size,
         feature_layers=args.feature_layers,
+        dpam_layers=args.dpam_layers,
+        dpam_mode=args.dpam_mode,
+        sigma=args.sigma,
         cache_dir=args.cache_dir,
     )
 
@@ -181,19 +199,25 @@ def _predict(args: argparse.Namespace) -> int:
     model = _load_model(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vmax = float(len(model.config.feature_layers))
+    vmin, vmax = model.map_range  # a fixed colour scale: overlays of different images are comparable
     rows = []
     names = _overlay_names(images)
     with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
         for start in range(0, len(images), args.batch_size):
             chunk = images[start : start + args.batch_size]
             results = model.predict(
-                chunk, batch_size=args.batch_size, image_threshold=args.threshold, pixel_threshold=args.pixel_threshold
+                chunk,
+                batch_size=args.batch_size,
+                image_threshold=args.threshold,
+                pixel_threshold=args.pixel_threshold,
+                thresholds=False if args.no_thresholds else None,
             )
-            for path, name, result in zip(chunk, names[start : start + len(chunk)], results):
-                save_overlay(out / name, path, result.anomaly_map, alpha=args.alpha, vmin=0.0, vmax=vmax, mask=result.mask)
-                row = {"image": str(path), "score": round(result.score, 6), "overlay": name}
-                if args.threshold is not None:
+            for name, result in zip(names[start : start + len(chunk)], results):
+                save_overlay(
+                    out / name, result.path, result.anomaly_map, alpha=args.alpha, vmin=vmin, vmax=vmax, mask=result.mask
+                )
+                row = {"image": result.path, "score": round(result.score, 6), "overlay": name}
+                if result.label is not None:
                     row["label"] = result.label
                 rows.append(row)
             bar.update(len(chunk))

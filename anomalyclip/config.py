@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,6 +17,7 @@ __all__ = [
     "FORMAT_VERSION",
     "DEFAULT_BACKBONE",
     "DPAM_MODES",
+    "INFERENCE_OPTIONS",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "OPENAI_MEAN",
@@ -30,7 +33,12 @@ OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: Version of the ``config.json`` + ``model.safetensors`` format written by ``save_pretrained``.
-FORMAT_VERSION = 1
+#: 2 added ``thresholds``; version-1 files load (read as None).
+FORMAT_VERSION = 2
+#: Fields added by each format version (a file of an older version cannot hold them).
+_ADDED_IN = {2: ("thresholds",)}
+#: Options that change what the model outputs for an image (``AnomalyCLIP.reconfigure``).
+INFERENCE_OPTIONS = ("image_size", "feature_layers", "dpam_layers", "dpam_mode", "sigma")
 #: The paper's backbone: OpenAI CLIP ViT-L/14 at 336 px, in open_clip's Hub format.
 DEFAULT_BACKBONE = "hf-hub:timm/vit_large_patch14_clip_336.openai"
 #: Attention used by DPAM's second stream: value-value (the paper's choice), query-query, key-key.
@@ -71,7 +79,11 @@ class AnomalyCLIPConfig:
         embed_dim: joint embedding dimension (768 for ViT-L/14); checked on load.
         vision_layers: depth of the vision transformer (24 for ViT-L/14); checked on load.
         mean, std: per-channel normalization of images in [0, 1].
+        thresholds: decision thresholds ``{"image": float | None, "pixel": float | None}`` set by
+            ``AnomalyCLIP.calibrate`` or by assigning ``model.thresholds``; None when unset. The
+            pixel threshold is on the map's scale, [0, len(feature_layers)].
         format_version: version of the saved format.
+        extra: free-form metadata (e.g. ``extra["training"]`` after ``finetune``).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -90,14 +102,21 @@ class AnomalyCLIPConfig:
     vision_layers: int = 24
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    thresholds: dict[str, float | None] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.feature_layers = tuple(int(x) for x in self.feature_layers)
-        self.mean = tuple(float(x) for x in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(x) for x in self.std)  # type: ignore[assignment]
+        self.feature_layers = _int_tuple(self.feature_layers, "feature_layers")
+        self.mean = _float_tuple(self.mean, "mean")  # type: ignore[assignment]
+        self.std = _float_tuple(self.std, "std")  # type: ignore[assignment]
+        self.thresholds = _threshold_dict(self.thresholds)
         self.validate()
+        # Plain Python numbers (numpy scalars would not serialize to JSON).
+        for name in ("image_size", "dpam_layers", "n_ctx", "deep_prompt_length", "deep_prompt_depth",
+                     "text_width", "embed_dim", "vision_layers", "format_version"):
+            setattr(self, name, int(getattr(self, name)))
+        self.sigma, self.temperature = float(self.sigma), float(self.temperature)
 
     @property
     def n_deep_prompts(self) -> int:
@@ -110,8 +129,24 @@ class AnomalyCLIPConfig:
         return self.vision_layers - self.dpam_layers + 1
 
     def validate(self) -> None:
-        """Check internal consistency; raise :class:`InvalidInputError` naming the bad field."""
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
+        """Check types and consistency; raise :class:`InvalidInputError` naming the bad field."""
+        for name in ("image_size", "dpam_layers", "n_ctx", "deep_prompt_length", "deep_prompt_depth",
+                     "text_width", "embed_dim", "vision_layers", "format_version"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise InvalidInputError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+        for name in ("sigma", "temperature"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise InvalidInputError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if not isinstance(self.quick_gelu, bool):
+            raise InvalidInputError(f"quick_gelu must be True or False, got {self.quick_gelu!r}.")
+        for name in ("backbone", "dpam_mode"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"{name} must be a string, got {getattr(self, name)!r}.")
+        if not isinstance(self.extra, dict):
+            raise InvalidInputError(f"extra must be a dict, got {type(self.extra).__name__}.")
+        if self.image_size <= 0:
             raise InvalidInputError(f"image_size must be a positive int, got {self.image_size!r}.")
         if not self.feature_layers:
             raise InvalidInputError("feature_layers must name at least one vision block, e.g. (24,).")
@@ -137,7 +172,14 @@ class AnomalyCLIPConfig:
             raise InvalidInputError("mean and std must be 3 numbers each, std > 0.")
 
     def replace(self, **changes: Any) -> "AnomalyCLIPConfig":
-        """A copy with some fields changed (``None`` values are ignored), validated."""
+        """A copy with some fields changed (``None`` values are ignored), validated.
+
+        To set a field to None (``thresholds``), use :func:`dataclasses.replace`.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise InvalidInputError(f"Unknown config field(s) {unknown}; known fields: {sorted(names)}.")
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
 
@@ -155,22 +197,88 @@ class AnomalyCLIPConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "AnomalyCLIPConfig":
-        """Build from a dict read from ``config.json``; unknown keys and newer formats are errors."""
+        """Build from a dict read from ``config.json``.
+
+        Files of an older format version are read and upgraded (fields added since are None).
+        Unknown keys, newer formats and invalid values are :class:`CheckpointError` naming
+        ``source``.
+        """
         if not isinstance(data, Mapping):
             raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}.")
         version = data.get("format_version")
         if version is None:
             raise CheckpointError(f"{source}: missing 'format_version'; this is not an anomalyclip config.json.")
+        if not _is_int(version) or version < 1:
+            raise CheckpointError(f"{source}: format_version must be a positive int, got {version!r}.")
         if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{source}: format_version {version} is newer than this library supports ({FORMAT_VERSION}). "
                 "Upgrade anomalyclip (pip install -U anomalyclip)."
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        too_new = {key for added, keys in _ADDED_IN.items() if version < added for key in keys}
+        unknown = sorted(set(data) - (names - too_new))
         if unknown:
-            raise CheckpointError(f"{source}: unknown keys {unknown}. Known keys: {sorted(names)}.")
+            raise CheckpointError(
+                f"{source}: unknown keys {unknown} for format_version {version}. Known keys: {sorted(names - too_new)}."
+            )
         try:
-            return cls(**dict(data))
-        except TypeError as exc:
-            raise CheckpointError(f"{source}: {exc}") from exc
+            return cls(**{**dict(data), "format_version": FORMAT_VERSION})
+        except InvalidInputError as exc:
+            raise CheckpointError(f"{source}: {exc} Fix the value in the file or save the model again.") from exc
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (numpy integers included)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number that is not a bool (numpy floats included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_tuple(values: Any, name: str) -> tuple[int, ...]:
+    """``values`` as a tuple of ints; floats, bools and strings are refused (never truncated)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise InvalidInputError(f"{name} must be a sequence of ints, e.g. (24,) or [6, 12, 18, 24]; got {values!r}.")
+    items = list(values)
+    if not all(_is_int(v) for v in items):
+        raise InvalidInputError(f"{name} must hold ints (1-based block indices), got {items!r}.")
+    return tuple(operator.index(v) for v in items)
+
+
+def _float_tuple(values: Any, name: str) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise InvalidInputError(f"{name} must be 3 numbers (R, G, B), got {values!r}.")
+    items = list(values)
+    if not all(_is_real(v) and math.isfinite(v) for v in items):
+        raise InvalidInputError(f"{name} must be 3 finite numbers (R, G, B), got {items!r}.")
+    return tuple(float(v) for v in items)
+
+
+def _threshold_dict(value: Any) -> dict[str, float | None] | None:
+    """``None`` or ``{"image": float | None, "pixel": float | None}`` (both None -> None).
+
+    Accepts any mapping with those keys, or an object with ``image`` / ``pixel`` attributes (an
+    :class:`anomalyclip.eval.thresholds.Thresholds`).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        if hasattr(value, "image") and hasattr(value, "pixel"):
+            value = {"image": value.image, "pixel": value.pixel}
+        else:
+            raise InvalidInputError(
+                f"thresholds must be None or {{'image': float | None, 'pixel': float | None}}, got {value!r}."
+            )
+    unknown = sorted(set(value) - {"image", "pixel"})
+    if unknown:
+        raise InvalidInputError(f"thresholds: unknown keys {unknown}; expected only 'image' and 'pixel'.")
+    out: dict[str, float | None] = {}
+    for key in ("image", "pixel"):
+        v = value.get(key)
+        if v is not None and not (_is_real(v) and math.isfinite(v)):
+            raise InvalidInputError(f"thresholds['{key}'] must be a finite number or None, got {v!r}.")
+        out[key] = None if v is None else float(v)
+    return None if out["image"] is None and out["pixel"] is None else out

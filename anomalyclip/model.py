@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from .backbone import check_clip, clip_preprocess_cfg, load_clip, uses_quick_gel
 from .config import (
     CONFIG_NAME,
     DEFAULT_BACKBONE,
+    INFERENCE_OPTIONS,
     OPENAI_MEAN,
     OPENAI_STD,
     WEIGHTS_NAME,
@@ -101,6 +105,7 @@ class AnomalyCLIP(nn.Module):
         self._check_prompt_shapes(self.prompts.state_dict(), "prompts")
         self.register_buffer("token_ids", tokenize_prompts(config.n_ctx, clip.context_length), persistent=False)
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self.eval()  # every constructor returns a model ready for inference; finetune switches modes itself
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -148,6 +153,7 @@ class AnomalyCLIP(nn.Module):
         feature_layers: Sequence[int] | None = None,
         dpam_layers: int | None = None,
         dpam_mode: str | None = None,
+        sigma: float | None = None,
         cache_dir: str | os.PathLike | None = None,
         seed: int | None = None,
         quick_gelu: bool | None = None,
@@ -168,6 +174,7 @@ class AnomalyCLIP(nn.Module):
             feature_layers=feature_layers,
             dpam_layers=dpam_layers,
             dpam_mode=dpam_mode,
+            sigma=sigma,
             seed=seed,
         )
         return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
@@ -181,11 +188,14 @@ class AnomalyCLIP(nn.Module):
         dtype: str | torch.dtype | None = None,
         image_size: int | None = None,
         feature_layers: Sequence[int] | None = None,
+        dpam_layers: int | None = None,
+        dpam_mode: str | None = None,
+        sigma: float | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         quick_gelu: bool | None = None,
     ) -> "AnomalyCLIP":
-        """Load a model: a preset name, a local directory, or a Hugging Face Hub repo id.
+        """Load a model, in eval mode: a preset name, a local directory, or a Hugging Face Hub repo id.
 
         Args:
             name_or_path: ``None`` (the default preset, the official prompts trained on VisA),
@@ -194,44 +204,52 @@ class AnomalyCLIP(nn.Module):
                 ``model.safetensors``.
             device: ``"cuda"``, ``"cpu"``, ``"mps"``...; None picks the best available.
             dtype: float32 (default), float16 or bfloat16 for the frozen CLIP.
-            image_size: override the processing size S (a multiple of the patch size).
-            feature_layers: override the output layers, e.g. ``(6, 12, 18, 24)``.
+            image_size, feature_layers, dpam_layers, dpam_mode, sigma: override the saved
+                inference options (see :meth:`reconfigure`; None keeps the saved value).
             revision: Hub revision (branch, tag or commit) of a repo id.
-            cache_dir: Hugging Face cache directory (also used for the backbone).
+            cache_dir: Hugging Face cache directory (also used for the backbone and presets).
             quick_gelu: override the backbone activation the saved config records (the one the
                 prompts were trained with); a choice that disagrees with open_clip's pretrained
                 registry is logged as a warning either way.
+
+        Thresholds saved with the model (:meth:`calibrate`) are restored; an override that
+        changes an inference option drops them with a warning (they were chosen for the saved
+        options).
         """
         if name_or_path is None:
             name_or_path = DEFAULT_PRESET
-        overrides = dict(
-            device=device, dtype=dtype, image_size=image_size, feature_layers=feature_layers, quick_gelu=quick_gelu
+        options = dict(
+            image_size=image_size, feature_layers=feature_layers, dpam_layers=dpam_layers, dpam_mode=dpam_mode, sigma=sigma
         )
+        load = dict(device=device, dtype=dtype, options=options, quick_gelu=quick_gelu, cache_dir=cache_dir)
         if isinstance(name_or_path, OfficialPreset):
-            return cls._from_preset(name_or_path, cache_dir=cache_dir, **overrides)
+            return cls._from_preset(name_or_path, **load)
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise InvalidInputError(f"name_or_path must be a string or path, got {type(name_or_path).__name__}.")
         name = os.fspath(name_or_path)
         if name in PRESETS:
-            return cls._from_preset(name, cache_dir=cache_dir, **overrides)
+            return cls._from_preset(name, **load)
         path = Path(name).expanduser()
         if path.is_dir():
-            config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-            for f in (config_file, weights_file):
+            files = {f: path / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
+            for f in files.values():
                 if not f.is_file():
                     raise CheckpointError(
                         f"'{path}' has no {f.name}; expected a directory written by save_pretrained "
                         f"({CONFIG_NAME} + {WEIGHTS_NAME})."
                     )
         elif is_repo_id(name) and not path.exists():
-            config_file = hub_download(name, CONFIG_NAME, revision=revision, cache_dir=cache_dir, what="model config")
-            weights_file = hub_download(name, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, what="prompt weights")
+            hub = dict(revision=revision, cache_dir=cache_dir)
+            files = {
+                CONFIG_NAME: hub_download(name, CONFIG_NAME, what="model config", **hub),
+                WEIGHTS_NAME: hub_download(name, WEIGHTS_NAME, what="prompt weights", **hub),
+            }
         else:
             raise InvalidInputError(
                 f"'{name}' is not a directory, a preset ({', '.join(sorted(PRESETS))}) or a Hub repo id "
                 "('org/name'). Check the path."
             )
-        return cls._from_files(config_file, weights_file, cache_dir=cache_dir, **overrides)
+        return cls._from_files(files, **load)
 
     @classmethod
     def _from_preset(
@@ -240,53 +258,42 @@ class AnomalyCLIP(nn.Module):
         *,
         device: str | torch.device | None,
         dtype: str | torch.dtype | None,
-        image_size: int | None,
-        feature_layers: Sequence[int] | None,
+        options: dict[str, Any],
         quick_gelu: bool | None,
         cache_dir: str | os.PathLike | None,
     ) -> "AnomalyCLIP":
         """A preset, converted from its verified official checkpoint on first use and cached."""
         preset = get_preset(preset)
         converted = cache_root(cache_dir) / "converted" / preset.name
-        if not ((converted / CONFIG_NAME).is_file() and (converted / WEIGHTS_NAME).is_file()):
+        files = {f: converted / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
+        if not all(f.is_file() for f in files.values()):
             checkpoint = fetch_official_checkpoint(preset, cache_dir=cache_dir)
             cls.from_official_checkpoint(checkpoint, clip=preset.backbone, cache_dir=cache_dir, device="cpu").save_pretrained(
                 converted
             )
         return cls._from_files(
-            converted / CONFIG_NAME,
-            converted / WEIGHTS_NAME,
-            device=device,
-            dtype=dtype,
-            image_size=image_size,
-            feature_layers=feature_layers,
-            quick_gelu=quick_gelu,
-            cache_dir=cache_dir,
+            files, device=device, dtype=dtype, options=options, quick_gelu=quick_gelu, cache_dir=cache_dir
         )
 
     @classmethod
     def _from_files(
         cls,
-        config_file: Path,
-        weights_file: Path,
+        files: dict[str, Path],
         *,
         device: str | torch.device | None,
         dtype: str | torch.dtype | None,
-        image_size: int | None,
-        feature_layers: Sequence[int] | None,
+        options: dict[str, Any],
         quick_gelu: bool | None,
         cache_dir: str | os.PathLike | None,
     ) -> "AnomalyCLIP":
+        """Build a model from the local files of a saved model (name -> path), then apply ``options``."""
+        config_file, weights_file = files[CONFIG_NAME], files[WEIGHTS_NAME]
         try:
             data = json.loads(Path(config_file).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"Cannot read {config_file}: {exc}") from exc
         config = AnomalyCLIPConfig.from_dict(data, source=str(config_file))
-        config = config.replace(
-            image_size=image_size,
-            feature_layers=tuple(feature_layers) if feature_layers is not None else None,
-            quick_gelu=quick_gelu,
-        )
+        config = config.replace(quick_gelu=quick_gelu)
         try:
             tensors = load_file(str(weights_file))
         except (SafetensorError, OSError) as exc:
@@ -294,6 +301,7 @@ class AnomalyCLIP(nn.Module):
         clip = load_clip(config.backbone, quick_gelu=config.quick_gelu, cache_dir=cache_dir)
         model = cls(clip, config)
         model.load_prompts(tensors, source=str(weights_file))
+        model.reconfigure(**options)
         return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
 
     @classmethod
@@ -307,6 +315,9 @@ class AnomalyCLIP(nn.Module):
         dtype: str | torch.dtype | None = None,
         image_size: int | None = None,
         feature_layers: Sequence[int] | None = None,
+        dpam_layers: int | None = None,
+        dpam_mode: str | None = None,
+        sigma: float | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> "AnomalyCLIP":
         """Load an official AnomalyCLIP ``.pth`` (``{"prompt_learner": ...}``), validated against ``clip``.
@@ -314,7 +325,7 @@ class AnomalyCLIP(nn.Module):
         ``clip`` is a backbone reference (default: the paper's ViT-L/14@336 on the Hub) or an
         open_clip model already built; with a built model, ``backbone`` is the reference to record
         in the config so that a saved copy can be reloaded. The checkpoint is read with
-        ``weights_only=True``.
+        ``weights_only=True``. The inference options are as in :meth:`reconfigure`.
         """
         state = load_official_state_dict(path)
         if isinstance(clip, str):
@@ -325,7 +336,15 @@ class AnomalyCLIP(nn.Module):
         tensors = convert_official_state_dict(state, clip_model, source=str(path))
         n_ctx = tensors["ctx_normal"].shape[0]
         n_deep, deep_length = tensors["deep_prompts"].shape[:2]
-        config = _config_for_clip(clip_model, backbone, image_size=image_size, feature_layers=feature_layers)
+        config = _config_for_clip(
+            clip_model,
+            backbone,
+            image_size=image_size,
+            feature_layers=feature_layers,
+            dpam_layers=dpam_layers,
+            dpam_mode=dpam_mode,
+            sigma=sigma,
+        )
         config = config.replace(n_ctx=n_ctx, deep_prompt_length=deep_length, deep_prompt_depth=n_deep + 1)
         model = cls(clip_model, config)
         model.load_prompts(tensors, source=str(path))
@@ -361,7 +380,8 @@ class AnomalyCLIP(nn.Module):
         self._text_cache = None
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` (sorted, indented) and ``model.safetensors`` (the prompts only).
+        """Write ``config.json`` (sorted, indented; the inference options and the thresholds) and
+        ``model.safetensors`` (the prompts only), the directory :meth:`from_pretrained` loads.
 
         Each file is written to a temporary name and renamed, so an interrupted save never leaves a
         half-written model. Returns the directory.
@@ -409,15 +429,44 @@ class AnomalyCLIP(nn.Module):
         *,
         image_size: int | None = None,
         feature_layers: Sequence[int] | None = None,
+        dpam_layers: int | None = None,
+        dpam_mode: str | None = None,
         sigma: float | None = None,
     ) -> "AnomalyCLIP":
-        """Change inference options in place (validated); ``None`` keeps the current value. Returns self."""
+        """Change inference options in place (validated); ``None`` keeps the current value.
+
+        Args:
+            image_size: processing size S in pixels, a multiple of the patch size.
+            feature_layers: 1-based vision blocks whose patch tokens make the map, e.g.
+                ``(6, 12, 18, 24)``; the map's values then lie in [0, len(feature_layers)].
+            dpam_layers: number of final vision blocks with DPAM (0..depth).
+            dpam_mode: DPAM attention, ``"vv"``, ``"qq"`` or ``"kk"``.
+            sigma: standard deviation of the final Gaussian blur, in pixels of the S x S map
+                (0: no blur).
+
+        Thresholds on the model (:attr:`thresholds`) were chosen for the old outputs: when an
+        option changes, they are dropped with a warning; calibrate again.
+
+        Returns:
+            self.
+        """
         config = self.config.replace(
             image_size=image_size,
-            feature_layers=tuple(feature_layers) if feature_layers is not None else None,
+            feature_layers=feature_layers,
+            dpam_layers=dpam_layers,
+            dpam_mode=dpam_mode,
             sigma=sigma,
         )
         _check_config_matches_clip(config, self.clip)
+        changed = [name for name in INFERENCE_OPTIONS if getattr(config, name) != getattr(self.config, name)]
+        if changed and config.thresholds is not None:
+            logger.warning(
+                "Dropping the model's thresholds %s: they were chosen before %s changed. Run model.calibrate(...) "
+                "again (or set model.thresholds).",
+                config.thresholds,
+                ", ".join(changed),
+            )
+            config = dataclasses.replace(config, thresholds=None)
         self.config = config
         return self
 
@@ -433,6 +482,38 @@ class AnomalyCLIP(nn.Module):
     @property
     def patch_size(self) -> int:
         return int(self.clip.visual.patch_size[0])
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """``(0.0, n)``: the range of anomaly-map values for ``n = len(config.feature_layers)``.
+
+        A map is the official sum over the output layers of each layer's anomalous probability,
+        so its values lie in [0, 1] with the default single layer and in [0, 4] with
+        ``(6, 12, 18, 24)``. Use it as an overlay's colour range
+        (``save_overlay(..., vmin=lo, vmax=hi)``) and to read a pixel threshold.
+        """
+        return (0.0, float(len(self.config.feature_layers)))
+
+    @property
+    def thresholds(self) -> Thresholds | None:
+        """The decision thresholds ``predict`` applies when none are passed, or None.
+
+        Set by :meth:`calibrate`, or assign a :class:`~anomalyclip.Thresholds`, a mapping
+        ``{"image": ..., "pixel": ...}`` or None. They live in ``config.thresholds``, so
+        :meth:`save_pretrained` writes them to ``config.json`` and :meth:`from_pretrained`
+        restores them. The pixel threshold is on the map's scale (see :attr:`map_range`).
+        """
+        values = self.config.thresholds
+        return None if values is None else Thresholds(**values)
+
+    @thresholds.setter
+    def thresholds(self, value: Thresholds | Mapping[str, float | None] | None) -> None:
+        if value is not None and not isinstance(value, (Thresholds, Mapping)):
+            raise InvalidInputError(
+                f"model.thresholds takes an anomalyclip.Thresholds, a mapping {{'image': ..., 'pixel': ...}} or "
+                f"None, got {type(value).__name__}."
+            )
+        self.config = dataclasses.replace(self.config, thresholds=value)
 
     def train(self, mode: bool = True) -> "AnomalyCLIP":
         """Only the prompts ever train; CLIP stays in eval mode."""
@@ -565,20 +646,26 @@ class AnomalyCLIP(nn.Module):
         batch_size: int = 8,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
-        thresholds: Thresholds | None = None,
+        thresholds: Thresholds | Literal[False] | None = None,
         progress: bool = False,
         num_workers: int | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
 
+        Scores lie in [0, 1]. Map values lie in :attr:`map_range`, [0, len(feature_layers)]: the
+        official sum over the output layers of each layer's anomalous probability ([0, 1] with
+        the default single layer). A pixel threshold is on that scale.
+
         Args:
             images: one image or a list: file paths, PIL images, numpy arrays (HxW, HxWx3, HxWx4;
                 uint8 or float in [0, 1]) or CHW tensors.
             batch_size: images per forward pass.
-            image_threshold: if given, results carry ``label = score > image_threshold``.
-            pixel_threshold: if given, results carry ``mask = anomaly_map > pixel_threshold``.
-            thresholds: both thresholds at once, e.g. from :meth:`calibrate` or
-                :class:`~anomalyclip.eval.thresholds.Thresholds` (explicit thresholds take precedence).
+            image_threshold: results carry ``label = score > image_threshold``.
+            pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold``.
+            thresholds: ``None`` (default) applies the model's own :attr:`thresholds` (from
+                :meth:`calibrate` or ``config.json``) when it has some; a
+                :class:`~anomalyclip.Thresholds` applies those instead; ``False`` applies none.
+                ``image_threshold`` / ``pixel_threshold`` take precedence over both.
             progress: show a tqdm progress bar.
             num_workers: threads that load and preprocess the next batches while the model runs
                 (:func:`~anomalyclip.prefetch.prefetch_batches`); None: 0 on the CPU, up to 8 on
@@ -586,7 +673,8 @@ class AnomalyCLIP(nn.Module):
                 do not depend on it.
 
         Returns:
-            An :class:`AnomalyResult` for a single image, a list of them for a list.
+            An :class:`AnomalyResult` for a single image, a list of them for a list. ``path`` is
+            the image's file path when it was given as one.
 
         On CUDA, batches are stacked in pinned memory and copied asynchronously, and each batch's
         maps are resized and copied back before the next batch is started, so that the GPU
@@ -596,11 +684,8 @@ class AnomalyCLIP(nn.Module):
         items = [images] if single else list(images)
         if not items:
             raise InvalidInputError("Got an empty list of images; pass at least one image.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
-        if thresholds is not None:
-            image_threshold = thresholds.image if image_threshold is None else image_threshold
-            pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
+        _check_batch_size(batch_size)
+        image_threshold, pixel_threshold = self._decision_thresholds(thresholds, image_threshold, pixel_threshold)
         workers = self._num_workers(num_workers)
         results: list[AnomalyResult] = []
         batches = prefetch_batches(items, self._load_and_preprocess, batch_size, num_workers=workers)
@@ -643,6 +728,35 @@ class AnomalyCLIP(nn.Module):
         prepared = self._prepare(image)
         return prepared.size, self._preprocess_prepared(prepared)
 
+    def _decision_thresholds(
+        self,
+        thresholds: Thresholds | Literal[False] | None,
+        image_threshold: float | None,
+        pixel_threshold: float | None,
+    ) -> tuple[float | None, float | None]:
+        """The ``(image, pixel)`` thresholds ``predict`` applies (see its docstring)."""
+        for name, value in (("image_threshold", image_threshold), ("pixel_threshold", pixel_threshold)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            ):
+                raise InvalidInputError(f"{name} must be a finite number or None, got {value!r}.")
+        if thresholds is None:
+            thresholds = self.thresholds
+        elif thresholds is False:
+            thresholds = None
+        elif not isinstance(thresholds, Thresholds):
+            raise InvalidInputError(
+                "thresholds must be an anomalyclip.Thresholds, None (the model's own thresholds) or False "
+                f"(none), got {thresholds!r}."
+            )
+        if thresholds is not None:
+            image_threshold = thresholds.image if image_threshold is None else image_threshold
+            pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
+        return (
+            None if image_threshold is None else float(image_threshold),
+            None if pixel_threshold is None else float(pixel_threshold),
+        )
+
     def calibrate(
         self,
         normal_images: Sequence[ImageInput],
@@ -651,17 +765,25 @@ class AnomalyCLIP(nn.Module):
         batch_size: int = 8,
         num_workers: int | None = None,
     ) -> Thresholds:
-        """Image and pixel thresholds from images known to be normal.
+        """Image and pixel thresholds from images known to be normal, kept on the model.
 
-        The image threshold is the ``quantile`` of their scores, the pixel threshold the
-        ``quantile`` of all their map values (at the processing size S). Anything above is
-        flagged: pass the result to ``predict(..., thresholds=...)``. For a labelled set use
-        :meth:`anomalyclip.eval.thresholds.Thresholds.from_labelled` (F1-max) instead.
+        The image threshold is the ``quantile`` of their scores (in [0, 1]), the pixel threshold
+        the ``quantile`` of all their map values at the processing size S, on the map's scale
+        [0, len(feature_layers)] (:attr:`map_range`). Anything above is flagged. The thresholds
+        become :attr:`thresholds`: ``predict`` applies them from now on, and
+        :meth:`save_pretrained` writes them to ``config.json``. For a labelled set use
+        :meth:`anomalyclip.Thresholds.from_labelled` (F1-max) and assign ``model.thresholds``.
         ``num_workers`` is as for :meth:`predict`.
+
+        Returns:
+            the new :class:`~anomalyclip.Thresholds`.
         """
         items = list(normal_images) if _is_image_list(normal_images) else [normal_images]
         if not items:
             raise InvalidInputError("calibrate needs at least one normal image.")
+        _check_batch_size(batch_size)
+        if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 <= quantile <= 1:
+            raise InvalidInputError(f"quantile must be a number in [0, 1] (e.g. 0.99), got {quantile!r}.")
         workers = self._num_workers(num_workers)
         size = self.config.image_size
         scores = np.empty(len(items), dtype=np.float32)
@@ -678,7 +800,9 @@ class AnomalyCLIP(nn.Module):
                     start = end
         finally:
             batches.close()
-        return Thresholds.from_normal(scores, maps, quantile=quantile)
+        thresholds = Thresholds.from_normal(scores, maps, quantile=quantile)
+        self.thresholds = thresholds
+        return thresholds
 
     def finetune(self, data: Any, **options: Any):
         """Learn new prompts on auxiliary data with the paper's glocal training, in place.
@@ -686,12 +810,23 @@ class AnomalyCLIP(nn.Module):
         ``model.finetune(data, output_dir=..., epochs=..., ...)`` runs
         :func:`anomalyclip.train.finetune.finetune` on this model; every option and its default is
         documented there. Returns a :class:`~anomalyclip.train.finetune.TrainingHistory`.
+
+        Thresholds from an earlier :meth:`calibrate` are dropped with a warning: they do not hold
+        for new prompts.
         """
         from .train.finetune import finetune
 
+        before = self.config
+        if before.thresholds is not None:
+            logger.warning("Dropping the model's thresholds %s: new prompts need new ones (calibrate again).", before.thresholds)
+            self.config = dataclasses.replace(self.config, thresholds=None)
+        prompts_before = {k: v.detach().clone() for k, v in self.prompts.state_dict().items()}
         try:
             return finetune(self, data, **options)
         except BaseException as exc:
+            if all(torch.equal(prompts_before[k], v) for k, v in self.prompts.state_dict().items()):
+                # Nothing was learned (e.g. a bad option): the model is as it was.
+                self.config = dataclasses.replace(self.config, thresholds=before.thresholds)
             if is_out_of_memory(exc):
                 raise out_of_memory_error(
                     exc,
@@ -825,6 +960,11 @@ def _check_config_matches_clip(config: AnomalyCLIPConfig, clip: nn.Module) -> No
             f"image_size={config.image_size} is not a multiple of the patch size {patch} "
             f"(e.g. {round(config.image_size / patch) * patch})."
         )
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
 
 
 def _model_card(config: AnomalyCLIPConfig) -> str:

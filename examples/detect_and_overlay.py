@@ -28,10 +28,12 @@ def main() -> None:
     model = AnomalyCLIP.from_pretrained(args.model, device=args.device)
     results = model.predict(args.images, batch_size=4)
     out = Path(args.out)
-    vmax = float(len(model.config.feature_layers))  # maps lie in [0, number of output layers]
-    for path, result in zip(args.images, results):
-        target = save_overlay(out / f"{Path(path).stem}_overlay.png", path, result.anomaly_map, vmin=0.0, vmax=vmax)
-        print(f"{path}: anomaly score {result.score:.3f} -> {target}")
+    vmin, vmax = model.map_range  # maps lie in [0, number of output layers]
+    for result in results:
+        target = save_overlay(
+            out / f"{Path(result.path).stem}_overlay.png", result.path, result.anomaly_map, vmin=vmin, vmax=vmax
+        )
+        print(f"{result.path}: anomaly score {result.score:.3f} -> {target}")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,35 @@ def test_predict_overlay_shows_the_map(converted, tmp_path):
     heat = apply_colormap(amap, vmin=0.0, vmax=1.0)
     overlay = np.asarray(Image.open(out / "image_b_overlay.png").convert("RGB"))
     assert np.abs(overlay.astype(int) - heat.astype(int)).max() <= 1
+
+
+def test_predict_overlay_range_follows_the_feature_layers(converted, tmp_path):
+    """No hard-coded colour range: with 4 output layers the map spans [0, 4] and so does the scale."""
+    from anomalyclip.visualize import apply_colormap
+
+    out = tmp_path / "o"
+    args = ["-q", "predict", str(IMAGE_B), "--model", str(converted), "--out", str(out), "--alpha", "1"]
+    assert main([*args, "--feature-layers", "6", "12", "18", "24"]) == 0
+    model = AnomalyCLIP.from_pretrained(converted, device="cpu", feature_layers=(6, 12, 18, 24))
+    assert model.map_range == (0.0, 4.0)
+    amap = model.predict(IMAGE_B).anomaly_map
+    overlay = np.asarray(Image.open(out / "image_b_overlay.png").convert("RGB")).astype(int)
+    assert np.abs(overlay - apply_colormap(amap, vmin=0.0, vmax=4.0).astype(int)).max() <= 1
+    assert np.abs(overlay - apply_colormap(amap, vmin=0.0, vmax=1.0).astype(int)).max() > 1
+
+
+def test_predict_applies_the_saved_thresholds(converted, tmp_path):
+    model = AnomalyCLIP.from_pretrained(converted, device="cpu")
+    model.thresholds = {"image": 0.5, "pixel": 0.5}
+    model.save_pretrained(converted)
+    base = ["-q", "predict", str(IMAGE_A), str(IMAGE_B), "--model", str(converted)]
+    assert main([*base, "--out", str(tmp_path / "saved")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "saved" / "scores.csv")))
+    assert [r["label"] for r in rows] == [str(int(float(r["score"]) > 0.5)) for r in rows]
+    assert [r["image"] for r in rows] == [str(IMAGE_A), str(IMAGE_B)]
+    assert main([*base, "--out", str(tmp_path / "none"), "--no-thresholds"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "none" / "scores.csv")))
+    assert "label" not in rows[0]
+    assert main([*base, "--out", str(tmp_path / "explicit"), "--threshold", "0.0"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "explicit" / "scores.csv")))
+    assert [r["label"] for r in rows] == ["1", "1"]

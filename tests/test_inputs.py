@@ -169,15 +169,15 @@ def test_forward_rejects_bad_tensors(golden_model, bad, message):
         golden_model(bad)
 
 
-def test_calibrate_on_normal_images_flags_above_the_quantile(golden_model):
+def test_calibrate_on_normal_images_flags_above_the_quantile(fresh_model):  # calibrate keeps its thresholds on the model
     from anomalyclip.eval.thresholds import Thresholds
 
     normal = [IMAGE_B, np.asarray(Image.open(IMAGE_B))[::-1].copy()]
-    thresholds = golden_model.calibrate(normal, quantile=1.0)
+    thresholds = fresh_model.calibrate(normal, quantile=1.0)
     assert isinstance(thresholds, Thresholds)
-    results = golden_model.predict(normal, thresholds=thresholds)
+    results = fresh_model.predict(normal, thresholds=thresholds)
     # quantile 1.0 is the maximum: nothing of the calibration set itself is flagged.
     assert all(r.label == 0 for r in results)
     assert max(r.score for r in results) == pytest.approx(thresholds.image, abs=1e-5)
-    explicit = golden_model.predict(IMAGE_A, thresholds=thresholds, image_threshold=0.0)
+    explicit = fresh_model.predict(IMAGE_A, thresholds=thresholds, image_threshold=0.0)
     assert explicit.image_threshold == 0.0 and explicit.pixel_threshold == thresholds.pixel

@@ -31,7 +31,8 @@ def test_save_load_round_trip(golden_model, tmp_path):
     assert sorted(tensors) == ["ctx_anomalous", "ctx_normal", "deep_prompts"]  # only the prompts
     assert tensors["deep_prompts"].shape == (8, 4, 64)
     config = json.loads((out / "config.json").read_text())
-    assert config["format_version"] == 1 and config["quick_gelu"] is True
+    assert config["format_version"] == 2 and config["quick_gelu"] is True
+    assert config["thresholds"] is None
     assert list(config) == sorted(config)  # sorted keys
     loaded = AnomalyCLIP.from_pretrained(out, device="cpu")
     assert loaded.config == golden_model.config
@@ -98,11 +99,16 @@ def test_config_validation(golden_model, tmp_path):
     for change, message in [
         ({"surprise": 1}, r"unknown keys \['surprise'\]"),
         ({"format_version": 99}, "newer than this library supports"),
+        ({"format_version": "2"}, "format_version must be a positive int, got '2'"),
+        ({"format_version": 1}, r"unknown keys \['thresholds'\] for format_version 1"),
         ({"text_width": 768}, "text_width: config 768 vs backbone 64"),
-        ({"dpam_mode": "xx"}, "dpam_mode must be one of"),
+        ({"dpam_mode": "xx"}, "config.json: dpam_mode must be one of"),
+        ({"sigma": "4"}, r"config.json: sigma must be a number, got '4' \(str\)"),
+        ({"feature_layers": [24.0]}, r"config.json: feature_layers must hold ints"),
+        ({"thresholds": {"image": "high"}}, r"config.json: thresholds\['image'\] must be a finite number"),
     ]:
         config_file.write_text(json.dumps({**good, **change}))
-        with pytest.raises((CheckpointError, InvalidInputError), match=message):
+        with pytest.raises(CheckpointError, match=message):  # a bad file is a checkpoint problem, whatever the field
             AnomalyCLIP.from_pretrained(tmp_path, device="cpu")
     config_file.write_text(json.dumps({k: v for k, v in good.items() if k != "format_version"}))
     with pytest.raises(CheckpointError, match="format_version"):

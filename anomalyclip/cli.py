@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert an official AnomalyCLIP .pth to the save_pretrained format")
     p.add_argument("checkpoint", help="official checkpoint, e.g. epoch_15.pth")
-    p.add_argument("out_dir", help="output directory (config.json + model.safetensors)")
+    p.add_argument("out_dir", help="output directory (config.json, model.safetensors, README.md model card)")
     p.add_argument("--clip", default=None, help="backbone the prompts were trained on (default: ViT-L/14@336)")
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(handler=_convert)
@@ -294,7 +294,7 @@ def _convert(args: argparse.Namespace) -> int:
         args.checkpoint, clip=args.clip or DEFAULT_BACKBONE, device="cpu", cache_dir=args.cache_dir
     )
     out = model.save_pretrained(args.out_dir)
-    logger.info("Wrote %s (config.json + model.safetensors); load it with AnomalyCLIP.from_pretrained", out)
+    logger.info("Wrote %s (config.json, model.safetensors, README.md); load it with AnomalyCLIP.from_pretrained", out)
     return 0
 
 

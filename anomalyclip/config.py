@@ -33,10 +33,10 @@ OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: Version of the ``config.json`` + ``model.safetensors`` format written by ``save_pretrained``.
-#: 2 added ``thresholds``; version-1 files load (read as None).
+#: 2 added ``thresholds`` and ``trained_on``; version-1 files load (both read as None).
 FORMAT_VERSION = 2
 #: Fields added by each format version (a file of an older version cannot hold them).
-_ADDED_IN = {2: ("thresholds",)}
+_ADDED_IN = {2: ("thresholds", "trained_on")}
 #: Options that change what the model outputs for an image (``AnomalyCLIP.reconfigure``).
 INFERENCE_OPTIONS = ("image_size", "feature_layers", "dpam_layers", "dpam_mode", "sigma")
 #: The paper's backbone: OpenAI CLIP ViT-L/14 at 336 px, in open_clip's Hub format.
@@ -82,6 +82,8 @@ class AnomalyCLIPConfig:
         thresholds: decision thresholds ``{"image": float | None, "pixel": float | None}`` set by
             ``AnomalyCLIP.calibrate`` or by assigning ``model.thresholds``; None when unset. The
             pixel threshold is on the map's scale, [0, len(feature_layers)].
+        trained_on: what the prompts were trained on (e.g. ``"VisA"``), when known; shown in the
+            model card.
         format_version: version of the saved format.
         extra: free-form metadata (e.g. ``extra["training"]`` after ``finetune``).
     """
@@ -103,6 +105,7 @@ class AnomalyCLIPConfig:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     thresholds: dict[str, float | None] | None = None
+    trained_on: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +147,8 @@ class AnomalyCLIPConfig:
         for name in ("backbone", "dpam_mode"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidInputError(f"{name} must be a string, got {getattr(self, name)!r}.")
+        if self.trained_on is not None and not isinstance(self.trained_on, str):
+            raise InvalidInputError(f"trained_on must be a string or None, got {self.trained_on!r}.")
         if not isinstance(self.extra, dict):
             raise InvalidInputError(f"extra must be a dict, got {type(self.extra).__name__}.")
         if self.image_size <= 0:
@@ -174,7 +179,7 @@ class AnomalyCLIPConfig:
     def replace(self, **changes: Any) -> "AnomalyCLIPConfig":
         """A copy with some fields changed (``None`` values are ignored), validated.
 
-        To set a field to None (``thresholds``), use :func:`dataclasses.replace`.
+        To set a field to None (``thresholds``, ``trained_on``), use :func:`dataclasses.replace`.
         """
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)

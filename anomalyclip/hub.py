@@ -35,9 +35,16 @@ def hub_download(
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
     what: str = "file",
 ) -> Path:
     """Download (or find in the cache) one file of a Hub model repo and return its local path.
+
+    ``token``, ``local_files_only`` and ``force_download`` are passed to
+    :func:`huggingface_hub.hf_hub_download` (a token for private or gated repos; never download;
+    download again even when cached).
 
     Raises:
         WeightsNotFoundError: the file is not cached and cannot be downloaded (offline, no network,
@@ -59,6 +66,9 @@ def hub_download(
             filename=filename,
             revision=revision,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
             library_name=LIBRARY_NAME,
             library_version=__version__,
         )
@@ -75,11 +85,12 @@ def hub_download(
     except RevisionNotFoundError as exc:
         raise WeightsNotFoundError(f"Cannot download {where} ({what}): no such revision.") from exc
     except LocalEntryNotFoundError as exc:
-        hint = (
-            "HF_HUB_OFFLINE=1 is set and the file is not in the local Hugging Face cache"
-            if is_offline()
-            else "the Hub cannot be reached and the file is not in the local Hugging Face cache"
-        )
+        if local_files_only:
+            hint = "local_files_only=True and the file is not in the local Hugging Face cache"
+        elif is_offline():
+            hint = "HF_HUB_OFFLINE=1 is set and the file is not in the local Hugging Face cache"
+        else:
+            hint = "the Hub cannot be reached and the file is not in the local Hugging Face cache"
         raise WeightsNotFoundError(
             f"Cannot load {where} ({what}): {hint}. Download it once with network access "
             f"(`hf download {repo_id}`), point `cache_dir`/HF_HUB_CACHE at a cache that has it, "

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbone import check_clip, clip_preprocess_cfg, load_clip, uses_quick_gelu
+from .card import MODEL_CARD_NAME, is_generated_card, write_model_card
 from .config import (
     CONFIG_NAME,
     DEFAULT_BACKBONE,
@@ -35,7 +36,7 @@ from .errors import BackboneError, CheckpointError, InvalidInputError
 from .hub import hub_download, is_repo_id
 from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
-from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset
+from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset, git_blob_sha1
 from .prefetch import default_num_workers, prefetch_batches, stack_batch
 from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
@@ -194,6 +195,9 @@ class AnomalyCLIP(nn.Module):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         quick_gelu: bool | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
     ) -> "AnomalyCLIP":
         """Load a model, in eval mode: a preset name, a local directory, or a Hugging Face Hub repo id.
 
@@ -211,6 +215,15 @@ class AnomalyCLIP(nn.Module):
             quick_gelu: override the backbone activation the saved config records (the one the
                 prompts were trained with); a choice that disagrees with open_clip's pretrained
                 registry is logged as a warning either way.
+            token: Hub token for private or gated repos (None: the logged-in user's, if any;
+                ``False``: none), as in ``huggingface_hub``.
+            local_files_only: never download: use only the Hugging Face cache (a Hub repo id) or
+                the preset cache; a missing file is a :class:`WeightsNotFoundError`.
+            force_download: download the model's files again even when they are cached.
+
+        ``token``, ``local_files_only`` and ``force_download`` apply to the prompts (Hub repo or
+        preset). The CLIP backbone is fetched by open_clip, which follows the environment
+        (``HF_TOKEN``, ``HF_HUB_OFFLINE=1``).
 
         Thresholds saved with the model (:meth:`calibrate`) are restored; an override that
         changes an inference option drops them with a warning (they were chosen for the saved
@@ -218,17 +231,22 @@ class AnomalyCLIP(nn.Module):
         """
         if name_or_path is None:
             name_or_path = DEFAULT_PRESET
+        if not isinstance(local_files_only, bool) or not isinstance(force_download, bool):
+            raise InvalidInputError(
+                f"local_files_only and force_download must be True or False, got {local_files_only!r} and "
+                f"{force_download!r}."
+            )
         options = dict(
             image_size=image_size, feature_layers=feature_layers, dpam_layers=dpam_layers, dpam_mode=dpam_mode, sigma=sigma
         )
         load = dict(device=device, dtype=dtype, options=options, quick_gelu=quick_gelu, cache_dir=cache_dir)
         if isinstance(name_or_path, OfficialPreset):
-            return cls._from_preset(name_or_path, **load)
+            return cls._from_preset(name_or_path, local_files_only=local_files_only, force_download=force_download, **load)
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise InvalidInputError(f"name_or_path must be a string or path, got {type(name_or_path).__name__}.")
         name = os.fspath(name_or_path)
         if name in PRESETS:
-            return cls._from_preset(name, **load)
+            return cls._from_preset(name, local_files_only=local_files_only, force_download=force_download, **load)
         path = Path(name).expanduser()
         if path.is_dir():
             files = {f: path / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
@@ -239,7 +257,13 @@ class AnomalyCLIP(nn.Module):
                         f"({CONFIG_NAME} + {WEIGHTS_NAME})."
                     )
         elif is_repo_id(name) and not path.exists():
-            hub = dict(revision=revision, cache_dir=cache_dir)
+            hub = dict(
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                force_download=force_download,
+            )
             files = {
                 CONFIG_NAME: hub_download(name, CONFIG_NAME, what="model config", **hub),
                 WEIGHTS_NAME: hub_download(name, WEIGHTS_NAME, what="prompt weights", **hub),
@@ -261,19 +285,26 @@ class AnomalyCLIP(nn.Module):
         options: dict[str, Any],
         quick_gelu: bool | None,
         cache_dir: str | os.PathLike | None,
+        local_files_only: bool = False,
+        force_download: bool = False,
     ) -> "AnomalyCLIP":
         """A preset, converted from its verified official checkpoint on first use and cached."""
         preset = get_preset(preset)
         converted = cache_root(cache_dir) / "converted" / preset.name
         files = {f: converted / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
-        if not all(f.is_file() for f in files.values()):
-            checkpoint = fetch_official_checkpoint(preset, cache_dir=cache_dir)
-            cls.from_official_checkpoint(checkpoint, clip=preset.backbone, cache_dir=cache_dir, device="cpu").save_pretrained(
-                converted
+        if force_download or not all(f.is_file() for f in files.values()):
+            checkpoint = fetch_official_checkpoint(
+                preset, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download
             )
-        return cls._from_files(
+            official = cls.from_official_checkpoint(checkpoint, clip=preset.backbone, cache_dir=cache_dir, device="cpu")
+            official.config = official.config.replace(trained_on=preset.trained_on)
+            official.save_pretrained(converted, model_card=False)
+        model = cls._from_files(
             files, device=device, dtype=dtype, options=options, quick_gelu=quick_gelu, cache_dir=cache_dir
         )
+        if model.config.trained_on is None:  # converted by anomalyclip 0.1, before the field existed
+            model.config = model.config.replace(trained_on=preset.trained_on)
+        return model
 
     @classmethod
     def _from_files(
@@ -325,7 +356,9 @@ class AnomalyCLIP(nn.Module):
         ``clip`` is a backbone reference (default: the paper's ViT-L/14@336 on the Hub) or an
         open_clip model already built; with a built model, ``backbone`` is the reference to record
         in the config so that a saved copy can be reloaded. The checkpoint is read with
-        ``weights_only=True``. The inference options are as in :meth:`reconfigure`.
+        ``weights_only=True``. A published checkpoint (one of :data:`~anomalyclip.presets.PRESETS`,
+        recognized by its git blob id) records what its prompts were trained on
+        (``config.trained_on``). The inference options are as in :meth:`reconfigure`.
         """
         state = load_official_state_dict(path)
         if isinstance(clip, str):
@@ -346,6 +379,9 @@ class AnomalyCLIP(nn.Module):
             sigma=sigma,
         )
         config = config.replace(n_ctx=n_ctx, deep_prompt_length=deep_length, deep_prompt_depth=n_deep + 1)
+        preset = next((p for p in PRESETS.values() if p.git_blob_sha1 == git_blob_sha1(path)), None)
+        if preset is not None:  # a published checkpoint: record what its prompts were trained on
+            config = config.replace(trained_on=preset.trained_on)
         model = cls(clip_model, config)
         model.load_prompts(tensors, source=str(path))
         return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
@@ -379,12 +415,28 @@ class AnomalyCLIP(nn.Module):
         self.prompts.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
         self._text_cache = None
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` (sorted, indented; the inference options and the thresholds) and
-        ``model.safetensors`` (the prompts only), the directory :meth:`from_pretrained` loads.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        model_card: bool = True,
+        repo_id: str | None = None,
+    ) -> Path:
+        """Write the model to a directory that :meth:`from_pretrained` loads.
 
-        Each file is written to a temporary name and renamed, so an interrupted save never leaves a
-        half-written model. Returns the directory.
+        Files: ``config.json`` (sorted, indented; the inference options, the thresholds and what
+        the prompts were trained on), ``model.safetensors`` (the prompts only) and ``README.md``,
+        a model card (:mod:`anomalyclip.card`). A ``README.md`` that this library did not write is
+        kept as it is. Each file is written to a temporary name and renamed, so an interrupted
+        save never leaves a half-written model.
+
+        Args:
+            save_directory: the directory (created if needed).
+            model_card: write ``README.md`` (default True).
+            repo_id: the Hub repo id shown in the card's usage snippet (default: the directory).
+
+        Returns:
+            the directory.
         """
         if not self.config.backbone.startswith(("hf-hub:", "local-dir:")):
             logger.warning(
@@ -399,6 +451,8 @@ class AnomalyCLIP(nn.Module):
             save_file(tensors, str(tmp), metadata={"format": "pt", "library": "anomalyclip"})
         with atomic_write(directory / CONFIG_NAME, "w") as handle:
             handle.write(self.config.to_json())
+        if model_card:
+            write_model_card(directory, self.config, location=repo_id or os.fspath(save_directory))
         return directory
 
     def push_to_hub(
@@ -406,21 +460,40 @@ class AnomalyCLIP(nn.Module):
         repo_id: str,
         *,
         private: bool | None = None,
-        token: str | None = None,
+        token: str | bool | None = None,
         revision: str | None = None,
         commit_message: str = "Upload AnomalyCLIP prompts",
     ) -> str:
         """Save into a temporary directory and upload it to a Hub model repo in one commit.
 
-        Returns the URL of the commit.
+        Uploads ``config.json``, ``model.safetensors`` and the model card ``README.md`` (see
+        :meth:`save_pretrained`), whose usage snippet names ``repo_id``. A ``README.md`` already in
+        the repo that this library did not write is kept (the card is not uploaded).
+
+        Args:
+            repo_id: ``org/name``; the repo is created if needed.
+            private: visibility of a newly created repo.
+            token: Hub token (None: the logged-in user's), as in ``huggingface_hub``.
+            revision: branch to commit to.
+            commit_message: the commit's message.
+
+        Returns:
+            the URL of the commit.
         """
         from huggingface_hub import HfApi
 
+        if not isinstance(repo_id, str) or not is_repo_id(repo_id):
+            raise InvalidInputError(f"repo_id must be 'org/name' (e.g. 'my-org/anomalyclip-bottles'), got {repo_id!r}.")
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        keep_theirs = False
+        if api.file_exists(repo_id, MODEL_CARD_NAME, repo_type="model", revision=revision):
+            remote = api.hf_hub_download(repo_id, MODEL_CARD_NAME, repo_type="model", revision=revision)
+            keep_theirs = not is_generated_card(Path(remote).read_text(encoding="utf-8", errors="replace"))
+            if keep_theirs:
+                logger.info("Keeping the README.md of %s: it was not written by anomalyclip.", repo_id)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            (Path(tmp) / "README.md").write_text(_model_card(self.config), encoding="utf-8")
+            self.save_pretrained(tmp, model_card=not keep_theirs, repo_id=repo_id)
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
         return str(getattr(info, "commit_url", info))
 
@@ -811,12 +884,17 @@ class AnomalyCLIP(nn.Module):
         :func:`anomalyclip.train.finetune.finetune` on this model; every option and its default is
         documented there. Returns a :class:`~anomalyclip.train.finetune.TrainingHistory`.
 
-        Thresholds from an earlier :meth:`calibrate` are dropped with a warning: they do not hold
-        for new prompts.
+        The config records what the prompts were trained on (``trained_on``, from the data set's
+        format and folder), and thresholds from an earlier :meth:`calibrate` are dropped with a
+        warning: they do not hold for new prompts.
         """
         from .train.finetune import finetune
 
         before = self.config
+        name = _dataset_name(data)
+        if name is not None:
+            trained_on = name if before.trained_on in (None, name) else f"{before.trained_on}, then {name}"
+            self.config = self.config.replace(trained_on=trained_on)
         if before.thresholds is not None:
             logger.warning("Dropping the model's thresholds %s: new prompts need new ones (calibrate again).", before.thresholds)
             self.config = dataclasses.replace(self.config, thresholds=None)
@@ -826,7 +904,7 @@ class AnomalyCLIP(nn.Module):
         except BaseException as exc:
             if all(torch.equal(prompts_before[k], v) for k, v in self.prompts.state_dict().items()):
                 # Nothing was learned (e.g. a bad option): the model is as it was.
-                self.config = dataclasses.replace(self.config, thresholds=before.thresholds)
+                self.config = dataclasses.replace(self.config, trained_on=before.trained_on, thresholds=before.thresholds)
             if is_out_of_memory(exc):
                 raise out_of_memory_error(
                     exc,
@@ -967,12 +1045,15 @@ def _check_batch_size(batch_size: Any) -> None:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
 
 
-def _model_card(config: AnomalyCLIPConfig) -> str:
-    return (
-        "---\nlibrary_name: anomalyclip\ntags:\n- anomaly-detection\n- zero-shot\n- clip\n---\n\n"
-        "# AnomalyCLIP prompts\n\n"
-        f"Learned object-agnostic prompts for the CLIP backbone `{config.backbone}`, for the "
-        "[anomalyclip](https://pypi.org/project/anomalyclip/) library:\n\n"
-        "```python\nfrom anomalyclip import AnomalyCLIP\nmodel = AnomalyCLIP.from_pretrained(\"<this repo>\")\n"
-        "result = model.predict(\"image.png\")\n```\n"
-    )
+#: Data set names of the known layouts (``AnomalyDataset.format``), as the model card shows them.
+_DATASET_NAMES = {"mvtec": "MVTec AD", "visa": "VisA"}
+
+
+def _dataset_name(data: Any) -> str | None:
+    """What ``data`` is called in ``config.trained_on``: "MVTec AD", "VisA", or its folder's name."""
+    fmt, root = getattr(data, "format", None), getattr(data, "root", None)
+    if fmt in _DATASET_NAMES:
+        return _DATASET_NAMES[fmt]
+    if root is not None and Path(root).name:
+        return f"{Path(root).name} ({fmt} layout)" if fmt else Path(root).name
+    return None

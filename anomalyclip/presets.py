@@ -127,6 +127,8 @@ def fetch_official_checkpoint(
     source: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     timeout: float = 60.0,
+    local_files_only: bool = False,
+    force_download: bool = False,
 ) -> Path:
     """Return the verified official ``.pth`` of a preset, downloading or installing it if needed.
 
@@ -135,6 +137,8 @@ def fetch_official_checkpoint(
         source: a local copy of the file to install instead of downloading.
         cache_dir: cache root (see :func:`cache_root`).
         timeout: network timeout in seconds.
+        local_files_only: never download; a preset that is not cached is an error.
+        force_download: download (and verify) again even when a verified copy is cached.
 
     Raises:
         CheckpointError: the file's git blob id is not the published one (it is not kept).
@@ -143,7 +147,8 @@ def fetch_official_checkpoint(
     """
     preset = get_preset(preset)
     target = cache_root(cache_dir) / "official" / preset.name / "epoch_15.pth"
-    if source is None and target.is_file() and git_blob_sha1(target) == preset.git_blob_sha1:
+    cached = target.is_file() and git_blob_sha1(target) == preset.git_blob_sha1
+    if source is None and cached and not (force_download and not local_files_only):
         return target
     with atomic_path(target) as tmp:
         if source is not None:
@@ -153,10 +158,10 @@ def fetch_official_checkpoint(
             shutil.copyfile(source, tmp)
             origin = str(source)
         else:
-            if is_offline() or os.environ.get("ANOMALYCLIP_OFFLINE"):
+            if local_files_only or is_offline() or os.environ.get("ANOMALYCLIP_OFFLINE"):
+                why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE/ANOMALYCLIP_OFFLINE"
                 raise WeightsNotFoundError(
-                    f"Preset '{preset.name}' is not cached and downloads are disabled "
-                    f"(HF_HUB_OFFLINE/ANOMALYCLIP_OFFLINE). {_offline_help(preset)}"
+                    f"Preset '{preset.name}' is not cached and downloads are disabled ({why}). {_offline_help(preset)}"
                 )
             logger.info("Downloading %s", preset.url)
             try:

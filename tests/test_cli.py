@@ -24,7 +24,7 @@ def converted(tmp_path):
 
 
 def test_convert_writes_a_loadable_model(converted, golden):
-    assert sorted(p.name for p in converted.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in converted.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     model = AnomalyCLIP.from_pretrained(converted, device="cpu")
     assert abs(model.predict(IMAGE_A).score - float(golden["a.top.score"])) < 1e-4
 

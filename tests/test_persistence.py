@@ -26,13 +26,13 @@ def _same_outputs(m1: AnomalyCLIP, m2: AnomalyCLIP) -> None:
 
 def test_save_load_round_trip(golden_model, tmp_path):
     out = golden_model.save_pretrained(tmp_path / "model")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     tensors = load_file(str(out / "model.safetensors"))
     assert sorted(tensors) == ["ctx_anomalous", "ctx_normal", "deep_prompts"]  # only the prompts
     assert tensors["deep_prompts"].shape == (8, 4, 64)
     config = json.loads((out / "config.json").read_text())
     assert config["format_version"] == 2 and config["quick_gelu"] is True
-    assert config["thresholds"] is None
+    assert config["thresholds"] is None and config["trained_on"] is None
     assert list(config) == sorted(config)  # sorted keys
     loaded = AnomalyCLIP.from_pretrained(out, device="cpu")
     assert loaded.config == golden_model.config
@@ -62,7 +62,7 @@ def test_save_is_atomic_and_keeps_existing_files_on_failure(golden_model, tmp_pa
     with pytest.raises(OSError, match="disk full"):
         golden_model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_strict_prompt_loading(golden_model, tmp_path):
@@ -100,7 +100,7 @@ def test_config_validation(golden_model, tmp_path):
         ({"surprise": 1}, r"unknown keys \['surprise'\]"),
         ({"format_version": 99}, "newer than this library supports"),
         ({"format_version": "2"}, "format_version must be a positive int, got '2'"),
-        ({"format_version": 1}, r"unknown keys \['thresholds'\] for format_version 1"),
+        ({"format_version": 1}, r"unknown keys \['thresholds', 'trained_on'\] for format_version 1"),
         ({"text_width": 768}, "text_width: config 768 vs backbone 64"),
         ({"dpam_mode": "xx"}, "config.json: dpam_mode must be one of"),
         ({"sigma": "4"}, r"config.json: sigma must be a number, got '4' \(str\)"),
@@ -169,30 +169,6 @@ def test_offline_backbone_miss_is_a_clear_error(hf_cache, golden_model, tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsNotFoundError, match="timm/vit_large_patch14_clip_336.openai"):
         AnomalyCLIP.from_pretrained(tmp_path, device="cpu")
-
-
-def test_push_to_hub_uploads_the_saved_format(golden_model, monkeypatch):
-    calls: dict = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            calls["token"] = token
-
-        def create_repo(self, repo_id, **kwargs):
-            calls["create"] = (repo_id, kwargs)
-
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            folder = Path(folder_path)
-            calls["files"] = sorted(p.name for p in folder.iterdir())
-            calls["config"] = json.loads((folder / "config.json").read_text())
-            return "https://huggingface.co/me/prompts/commit/abc"
-
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    url = golden_model.push_to_hub("me/prompts", private=True, token="t")
-    assert url.endswith("/commit/abc")
-    assert calls["create"] == ("me/prompts", {"private": True, "exist_ok": True, "repo_type": "model"})
-    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
-    assert calls["config"]["backbone"] == golden_model.config.backbone
 
 
 def test_text_features_cache_follows_prompt_changes(fresh_model):

@@ -44,7 +44,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -564,7 +564,7 @@ def _train_epochs(run: _Run) -> None:
 
 def _checkpoint(run: _Run, epoch: int) -> Path:
     """Write the checkpoint of ``epoch`` (see :mod:`anomalyclip.train.checkpoints`)."""
-    assert run.history.output_dir is not None
+    output_dir = cast(Path, run.history.output_dir)  # only called when the run has an output directory
     state = {
         "format_version": STATE_FORMAT,
         "epoch": epoch,
@@ -573,7 +573,7 @@ def _checkpoint(run: _Run, epoch: int) -> Path:
         "settings": run.settings,
         "history": [dataclasses.asdict(e) for e in run.history.epochs],
     }
-    return save_checkpoint(run.model, run.history.output_dir, epoch, state, run.history.to_dict())
+    return save_checkpoint(run.model, output_dir, epoch, state, run.history.to_dict())
 
 
 # ============================================================================ one epoch
@@ -645,8 +645,8 @@ def _step(
     The loss and the gradients are checked before the optimizer step: if either is not finite,
     the prompts are left as they were and :class:`TrainingError` is raised.
     """
-    assert run.masks is not None
-    loss = batch_losses(run.model, image_features, patch_features, run.masks.get(batch), run.labels[batch])
+    masks = cast(MaskStore, run.masks)  # loaded before the first epoch
+    loss = batch_losses(run.model, image_features, patch_features, masks.get(batch), run.labels[batch])
     values = np.array([loss.total.item(), loss.image.item(), loss.local.item()])
     if not np.isfinite(values).all():
         raise TrainingError(

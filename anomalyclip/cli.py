@@ -142,12 +142,13 @@ def _load_model(args: argparse.Namespace):
 def collect_images(inputs: Sequence[str]) -> list[Path]:
     """Files as given, and image files found recursively in directories (sorted)."""
     from .errors import InvalidInputError
+    from .files import find_images
 
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(find_images(path))
         elif path.exists():
             found.append(path)
         else:

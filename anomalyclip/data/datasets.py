@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import overload
 
 from ..errors import DatasetError, InvalidInputError
-from ..files import list_paths
+from ..files import IMAGE_SUFFIXES, list_paths
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -64,8 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Extensions of the files read as images (compared in lower case).
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: The layouts :func:`load_dataset` reads.
 FORMATS: tuple[str, ...] = ("mvtec", "visa", "meta", "folder")
 #: The defect name (and folder name) of normal images.

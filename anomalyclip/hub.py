@@ -9,7 +9,7 @@ from pathlib import Path
 from ._version import __version__
 from .errors import WeightsNotFoundError
 
-__all__ = ["is_repo_id", "hub_download", "is_offline"]
+__all__ = ["is_repo_id", "hub_download", "hub_download_if_present", "is_offline"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +91,41 @@ def hub_download(
         raise WeightsNotFoundError(f"Cannot load {where} ({what}): {exc}") from exc
     logger.debug("Resolved %s to %s", where, path)
     return Path(path)
+
+
+def hub_download_if_present(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    what: str = "file",
+) -> Path | None:
+    """:func:`hub_download` of an optional file: None when the repo has no such file.
+
+    Offline, a file that is not in the cache and not known to be absent cannot be checked: it is
+    skipped with a warning that says so.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    try:
+        return hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, what=what)
+    except WeightsNotFoundError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, LocalEntryNotFoundError):
+            cached = try_to_load_from_cache(
+                repo_id, filename, cache_dir=str(cache_dir) if cache_dir is not None else None, revision=revision
+            )
+            if cached is not _CACHED_NO_EXIST:
+                logger.warning(
+                    "Cannot check Hub repo '%s' for %s ('%s') offline: it is not in the local cache. Loading without it.",
+                    repo_id,
+                    what,
+                    filename,
+                )
+            return None
+        if isinstance(cause, EntryNotFoundError):
+            return None
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,16 +28,18 @@ from .config import (
     default_dpam_layers,
 )
 from .errors import BackboneError, CheckpointError, InvalidInputError
-from .hub import hub_download, is_repo_id
+from .hub import hub_download, hub_download_if_present, is_repo_id
 from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
 from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset
 from .prefetch import default_num_workers, prefetch_batches, stack_batch
 from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
-from .files import atomic_path, atomic_write, cache_root
+from .files import atomic_path, atomic_write, cache_root, find_images
+from .references import REFERENCES_NAME, ReferenceMemory, fuse_scores, normalize_patch_tokens, reference_map, reference_score
 from .runtime import resolve_device, resolve_dtype
-from .scoring import anomaly_maps, image_scores
+from .scoring import anomaly_maps, gaussian_blur, image_scores
+from .tiling import TileStitcher, crop_prepared, tile_grid
 from .eval.thresholds import Thresholds
 from .vision import encode_image
 
@@ -77,6 +80,7 @@ class AnomalyCLIP(nn.Module):
         self._check_prompt_shapes(self.prompts.state_dict(), "prompts")
         self.register_buffer("token_ids", tokenize_prompts(config.n_ctx, clip.context_length), persistent=False)
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self._references: ReferenceMemory | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -191,6 +195,7 @@ class AnomalyCLIP(nn.Module):
         if name in PRESETS:
             return cls._from_preset(name, cache_dir=cache_dir, **overrides)
         path = Path(name).expanduser()
+        references_file: Path | None
         if path.is_dir():
             config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
             for f in (config_file, weights_file):
@@ -199,15 +204,22 @@ class AnomalyCLIP(nn.Module):
                         f"'{path}' has no {f.name}; expected a directory written by save_pretrained "
                         f"({CONFIG_NAME} + {WEIGHTS_NAME})."
                     )
+            references_file = path / REFERENCES_NAME if (path / REFERENCES_NAME).is_file() else None
         elif is_repo_id(name) and not path.exists():
             config_file = hub_download(name, CONFIG_NAME, revision=revision, cache_dir=cache_dir, what="model config")
             weights_file = hub_download(name, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, what="prompt weights")
+            references_file = hub_download_if_present(
+                name, REFERENCES_NAME, revision=revision, cache_dir=cache_dir, what="few-shot references"
+            )
         else:
             raise InvalidInputError(
                 f"'{name}' is not a directory, a preset ({', '.join(sorted(PRESETS))}) or a Hub repo id "
                 "('org/name'). Check the path."
             )
-        return cls._from_files(config_file, weights_file, cache_dir=cache_dir, **overrides)
+        model = cls._from_files(config_file, weights_file, cache_dir=cache_dir, **overrides)
+        if references_file is not None:
+            model.references = ReferenceMemory.load(references_file)
+        return model
 
     @classmethod
     def _from_preset(
@@ -337,7 +349,8 @@ class AnomalyCLIP(nn.Module):
         self._text_cache = None
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` (sorted, indented) and ``model.safetensors`` (the prompts only).
+        """Write ``config.json`` (sorted, indented), ``model.safetensors`` (the prompts) and, when
+        the model has few-shot references, ``references.safetensors`` (see :meth:`add_references`).
 
         Each file is written to a temporary name and renamed, so an interrupted save never leaves a
         half-written model. Returns the directory.
@@ -353,6 +366,11 @@ class AnomalyCLIP(nn.Module):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.prompts.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "library": "anomalyclip"})
+        references_file = directory / REFERENCES_NAME
+        if self._references is not None:
+            self._references.save(references_file)
+        elif references_file.exists():
+            references_file.unlink()  # never leave another profile's references beside these prompts
         with atomic_write(directory / CONFIG_NAME, "w") as handle:
             handle.write(self.config.to_json())
         return directory
@@ -395,7 +413,18 @@ class AnomalyCLIP(nn.Module):
         )
         _check_config_matches_clip(config, self.clip)
         self.config = config
+        self._warn_if_references_stale()
         return self
+
+    def _warn_if_references_stale(self) -> None:
+        if self._references is None:
+            return
+        try:
+            self._references.check_compatible(
+                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+            )
+        except InvalidInputError as exc:
+            logger.warning("%s Until then, forward/predict raise this error.", exc)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -498,6 +527,8 @@ class AnomalyCLIP(nn.Module):
 
         Returns:
             :class:`AnomalyOutput` with ``scores [B]`` and ``anomaly_maps [B, S, S]`` (float32).
+            With few-shot references (:meth:`add_references`) they are the fused score and map,
+            and the output also holds the zero-shot and reference parts.
 
         On CUDA the forward never waits for the GPU: the input is copied asynchronously (from
         pinned memory truly in the background, so do not write into a pinned input before the
@@ -518,13 +549,182 @@ class AnomalyCLIP(nn.Module):
             image_size=pixel_values.shape[-1],
             sigma=self.config.sigma,
         )
-        return AnomalyOutput(
+        out = AnomalyOutput(
             scores=scores,
             anomaly_maps=final,
             raw_anomaly_maps=raw,
             image_features=F.normalize(features.image_features.float(), dim=-1),
             patch_features=features.patch_features,
+            zero_shot_scores=scores,
+            zero_shot_maps=final,
         )
+        if self._references is not None:
+            out = self._fuse_references(out, pixel_values.shape[-1])
+        return out
+
+    def _fuse_references(self, out: AnomalyOutput, image_size: int) -> AnomalyOutput:
+        """Add the reference part to a zero-shot output (the fusion of ``docs/fewshot.md``)."""
+        memory = self._references
+        assert memory is not None
+        memory.check_compatible(
+            image_size=image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+        )
+        if memory.device != self.device:
+            memory.to(self.device)
+        distances = memory.distances(out.patch_features)  # layer -> [B, G*G]
+        reference_raw = reference_map(distances, image_size)  # [B, S, S]
+        fused_raw = out.raw_anomaly_maps + reference_raw
+        blurred = gaussian_blur(torch.cat([fused_raw, reference_raw]), self.config.sigma)
+        b = fused_raw.shape[0]
+        reference_scores = reference_score(distances)
+        return dataclasses.replace(
+            out,
+            scores=fuse_scores(out.scores, reference_scores),
+            anomaly_maps=blurred[:b],
+            raw_anomaly_maps=fused_raw,
+            reference_scores=reference_scores,
+            reference_maps=blurred[b:],
+        )
+
+    # ------------------------------------------------------------------ few-shot references
+    @property
+    def references(self) -> ReferenceMemory | None:
+        """The few-shot reference memory (None when zero-shot). Assign a
+        :class:`~anomalyclip.references.ReferenceMemory` or None to replace it."""
+        return self._references
+
+    @references.setter
+    def references(self, memory: ReferenceMemory | None) -> None:
+        if memory is not None and not isinstance(memory, ReferenceMemory):
+            raise InvalidInputError(
+                f"model.references takes an anomalyclip.references.ReferenceMemory or None, got {type(memory).__name__}."
+            )
+        self._references = memory if memory is None or len(memory) else None
+        self._warn_if_references_stale()
+
+    @property
+    def num_references(self) -> int:
+        """How many normal reference images are in the memory (0: zero-shot)."""
+        return 0 if self._references is None else self._references.num_images
+
+    def clear_references(self) -> None:
+        """Forget the few-shot references: the model is zero-shot again."""
+        self._references = None
+
+    def add_references(
+        self,
+        images: ImageInput | str | os.PathLike | Sequence[ImageInput],
+        *,
+        batch_size: int = 8,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+        coreset: float | None = None,
+        storage_dtype: str | torch.dtype | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> int:
+        """Add normal reference images: from now on, scores and maps fuse the zero-shot output
+        with each patch's distance to the nearest normal patch (see ``docs/fewshot.md``).
+
+        The patch tokens of each output layer (the same tokens as the zero-shot map) are kept in
+        a memory on the model's device. Calls accumulate; :meth:`clear_references` forgets them;
+        :meth:`save_pretrained` writes them beside the prompts.
+
+        Args:
+            images: what :meth:`predict` takes (paths, PIL images, arrays, CHW tensors, or a list
+                of them), or a folder (searched recursively for image files).
+            batch_size: images (or tiles) per forward pass.
+            tile_size: cut each image into overlapping tiles of this many pixels and take the
+                references from the tiles (use the same tiling as in ``predict``).
+            tile_overlap: overlap fraction of the tiles.
+            coreset: keep only this fraction (0, 1] of the new patches per layer, chosen by
+                PatchCore's greedy k-center coreset (for many references, e.g. 0.1 for 100+).
+            storage_dtype: ``"float32"`` (default) or ``"float16"`` (half the memory; distances
+                change by about 1e-3). Fixed by the first call.
+            seed: seed of the coreset.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            :attr:`num_references`, the number of reference images now in the memory.
+        """
+        items = self._reference_items(images)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
+        if tile_size is not None:
+            self._check_tile_size(tile_size)
+            tile_grid(tile_size, tile_size, tile_size, tile_overlap)  # validates the overlap
+        memory = self._references
+        if memory is None:
+            memory = ReferenceMemory(
+                image_size=self.config.image_size,
+                feature_layers=self.config.feature_layers,
+                backbone=self.config.backbone,
+                storage_dtype=storage_dtype if storage_dtype is not None else torch.float32,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap if tile_size is not None else None,
+            )
+        else:
+            memory.check_compatible(
+                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+            )
+            if memory.tile_size != tile_size:
+                raise InvalidInputError(
+                    f"The memory holds references taken with tile_size={memory.tile_size}; these would be taken with "
+                    f"tile_size={tile_size}. Use the same tiling, or call model.clear_references() first."
+                )
+            if storage_dtype is not None and ReferenceMemory(
+                image_size=1, feature_layers=(1,), storage_dtype=storage_dtype
+            ).storage_dtype != memory.storage_dtype:
+                raise InvalidInputError(
+                    f"The memory stores {memory.storage_dtype}; call model.clear_references() to change the storage dtype."
+                )
+        tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.config.feature_layers}
+
+        def collect(pixel_values: torch.Tensor) -> None:
+            features = self.encode_image(pixel_values.to(device=self.device, dtype=self.dtype))
+            for layer in self.config.feature_layers:
+                t = normalize_patch_tokens(features.patch_features[layer])
+                tokens[layer].append(t.reshape(-1, t.shape[-1]))
+
+        from tqdm.auto import tqdm
+
+        with torch.inference_mode():
+            if tile_size is None:
+                for start in tqdm(range(0, len(items), batch_size), desc="references", unit="batch", disable=not progress):
+                    collect(self.preprocess(items[start : start + batch_size]))
+            else:
+                for item in tqdm(items, desc="references", unit="img", disable=not progress):
+                    prepared = self._prepare(item)
+                    tiles = tile_grid(*prepared.size, tile_size, tile_overlap).tiles
+                    for start in range(0, len(tiles), batch_size):
+                        chunk = tiles[start : start + batch_size]
+                        collect(torch.stack([self._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
+            memory.add({k: torch.cat(v) for k, v in tokens.items()}, num_images=len(items), coreset=coreset, seed=seed)
+        self._references = memory
+        logger.info("References: %r", memory)
+        return memory.num_images
+
+    def _reference_items(self, images: Any) -> list[ImageInput]:
+        """The images of ``add_references``: folders (searched recursively) expand to their image files."""
+        given = list(images) if _is_image_list(images) else [images]
+        items: list[ImageInput] = []
+        for item in given:
+            if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+                found = find_images(item)
+                if not found:
+                    raise InvalidInputError(f"No image files in folder '{item}' (searched recursively).")
+                items.extend(found)
+            else:
+                items.append(item)
+        if not items:
+            raise InvalidInputError("add_references got no images; pass at least one normal image.")
+        return items
+
+    def _check_tile_size(self, tile_size: Any) -> None:
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < self.patch_size:
+            raise InvalidInputError(
+                f"tile_size must be an int of at least one patch ({self.patch_size} px), got {tile_size!r}."
+            )
 
     # ------------------------------------------------------------------ friendly API
     def predict(

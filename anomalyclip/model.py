@@ -737,6 +737,8 @@ class AnomalyCLIP(nn.Module):
         thresholds: Thresholds | None = None,
         progress: bool = False,
         num_workers: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
 
@@ -752,7 +754,13 @@ class AnomalyCLIP(nn.Module):
             num_workers: threads that load and preprocess the next batches while the model runs
                 (:func:`~anomalyclip.prefetch.prefetch_batches`); None: 0 on the CPU, up to 8 on
                 an accelerator (:func:`~anomalyclip.prefetch.default_num_workers`). The results
-                do not depend on it.
+                do not depend on it. Not used with ``tile_size``.
+            tile_size: for high-resolution images: cut each image larger than this many pixels
+                into overlapping tiles, run each tile at the processing size S and blend the tile
+                maps into one map at the original size (see ``docs/tiling.md``). The score is the
+                largest tile score (with references: the fused score of the largest zero-shot
+                and the largest reference tile scores). ``batch_size`` then counts tiles.
+            tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1).
 
         Returns:
             An :class:`AnomalyResult` for a single image, a list of them for a list.
@@ -771,6 +779,10 @@ class AnomalyCLIP(nn.Module):
             image_threshold = thresholds.image if image_threshold is None else image_threshold
             pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
         workers = self._num_workers(num_workers)
+        if tile_size is not None:
+            return self._predict_tiled(
+                items, single, tile_size, tile_overlap, batch_size, image_threshold, pixel_threshold, progress
+            )
         results: list[AnomalyResult] = []
         batches = prefetch_batches(items, self._load_and_preprocess, batch_size, num_workers=workers)
         bar = None
@@ -811,6 +823,65 @@ class AnomalyCLIP(nn.Module):
         """(original (height, width), ``[3, S, S]`` float32): one image's work on a prefetch worker."""
         prepared = self._prepare(image)
         return prepared.size, self._preprocess_prepared(prepared)
+
+    def _predict_tiled(
+        self,
+        items: list[ImageInput],
+        single: bool,
+        tile_size: int,
+        tile_overlap: float,
+        batch_size: int,
+        image_threshold: float | None,
+        pixel_threshold: float | None,
+        progress: bool,
+    ) -> AnomalyResult | list[AnomalyResult]:
+        """``predict`` with tiles: each tile through ``preprocess``/``forward``, maps blended."""
+        from tqdm.auto import tqdm
+
+        self._check_tile_size(tile_size)
+        memory = self._references
+        warn_scale = memory is not None and memory.tile_size != tile_size
+        results: list[AnomalyResult] = []
+        with torch.inference_mode():
+            for item in tqdm(items, desc="AnomalyCLIP", unit="img", disable=not progress):
+                prepared = self._prepare(item)
+                grid = tile_grid(*prepared.size, tile_size, tile_overlap)
+                if warn_scale and (len(grid) > 1 or memory.tile_size is not None):
+                    logger.warning(
+                        "The references were taken with tile_size=%s but predict tiles with %s: test and reference "
+                        "patches then have different scales. Add the references with the same tile_size.",
+                        memory.tile_size,
+                        tile_size,
+                    )
+                    warn_scale = False
+                stitcher = TileStitcher(grid)
+                zero_shot, reference = [], []
+                tiles = grid.tiles
+                for start in range(0, len(tiles), batch_size):
+                    chunk = tiles[start : start + batch_size]
+                    out = self(torch.stack([self._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
+                    for i, tile in enumerate(chunk):
+                        tile_map = F.interpolate(
+                            out.anomaly_maps[i][None, None], size=(tile.height, tile.width), mode="bilinear", align_corners=False
+                        )
+                        stitcher.add(tile, tile_map[0, 0])
+                    assert out.zero_shot_scores is not None
+                    zero_shot.append(out.zero_shot_scores.float())
+                    if out.reference_scores is not None:
+                        reference.append(out.reference_scores.float())
+                score = torch.cat(zero_shot).max()
+                if reference:
+                    score = fuse_scores(score, torch.cat(reference).max())
+                results.append(
+                    AnomalyResult(
+                        score=float(score),
+                        anomaly_map=stitcher.result().numpy(),
+                        image_threshold=image_threshold,
+                        pixel_threshold=pixel_threshold,
+                        path=os.fspath(item) if isinstance(item, (str, os.PathLike)) else None,
+                    )
+                )
+        return results[0] if single else results
 
     def calibrate(
         self,

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="data-loading worker processes (default: 0 on the CPU, up to 8 on a GPU)",
     )
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="few-shot protocol: per class, K normal training images drawn with --seed become the references",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw (default 0)")
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("finetune", help="learn prompts on auxiliary data (the paper's glocal training)")
@@ -216,7 +223,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.classes:
         dataset = dataset.subset(args.classes)
     model = _load_model(args)
-    report = evaluate(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.quiet)
+    report = evaluate(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+        shots=args.shots,
+        seed=args.seed,
+    )
     write_reports(report, args.out)
     print(format_table(report))
     return 0

@@ -55,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-threshold", type=float, default=None, help="map threshold: outlines the mask on overlays")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in the overlays")
+    p.add_argument(
+        "--references",
+        nargs="+",
+        default=None,
+        metavar="DIR_OR_FILE",
+        help="normal reference images or folders (few-shot: fused with the zero-shot map, see docs/fewshot.md)",
+    )
+    p.add_argument(
+        "--coreset", type=float, default=None, help="keep this fraction of the reference patches (greedy coreset, e.g. 0.1)"
+    )
+    p.add_argument(
+        "--tile-size", type=int, default=None, help="cut images larger than this many pixels into tiles (docs/tiling.md)"
+    )
+    p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap fraction of the tiles (default 0.25)")
     p.set_defaults(handler=_predict)
 
     p = sub.add_parser("evaluate", help="metrics on a benchmark data set, as the paper reports them")
@@ -187,6 +201,17 @@ def _predict(args: argparse.Namespace) -> int:
 
     images = collect_images(args.inputs)
     model = _load_model(args)
+    if args.references:
+        references = collect_images(args.references)
+        model.add_references(
+            references,
+            batch_size=args.batch_size,
+            tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
+            coreset=args.coreset,
+            progress=not args.quiet,
+        )
+        logger.info("Added %d reference image(s)", len(references))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vmax = float(len(model.config.feature_layers))
@@ -196,7 +221,12 @@ def _predict(args: argparse.Namespace) -> int:
         for start in range(0, len(images), args.batch_size):
             chunk = images[start : start + args.batch_size]
             results = model.predict(
-                chunk, batch_size=args.batch_size, image_threshold=args.threshold, pixel_threshold=args.pixel_threshold
+                chunk,
+                batch_size=args.batch_size,
+                image_threshold=args.threshold,
+                pixel_threshold=args.pixel_threshold,
+                tile_size=args.tile_size,
+                tile_overlap=args.tile_overlap,
             )
             for path, name, result in zip(chunk, names[start : start + len(chunk)], results):
                 save_overlay(out / name, path, result.anomaly_map, alpha=args.alpha, vmin=0.0, vmax=vmax, mask=result.mask)

@@ -108,7 +108,6 @@ def hub_download_if_present(
     """
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    from huggingface_hub.file_download import _CACHED_NO_EXIST
 
     try:
         return hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, what=what)
@@ -118,7 +117,8 @@ def hub_download_if_present(
             cached = try_to_load_from_cache(
                 repo_id, filename, cache_dir=str(cache_dir) if cache_dir is not None else None, revision=revision
             )
-            if cached is not _CACHED_NO_EXIST:
+            # None: unknown; a path: cached; any other value: the cache's "known to be absent" marker.
+            if cached is None or isinstance(cached, (str, os.PathLike)):
                 logger.warning(
                     "Cannot check Hub repo '%s' for %s ('%s') offline: it is not in the local cache. Loading without it.",
                     repo_id,

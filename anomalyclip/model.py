@@ -36,7 +36,15 @@ from .prefetch import default_num_workers, prefetch_batches, stack_batch
 from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .files import atomic_path, atomic_write, cache_root, find_images
-from .references import REFERENCES_NAME, ReferenceMemory, fuse_scores, normalize_patch_tokens, reference_map, reference_score
+from .references import (
+    REFERENCES_NAME,
+    ReferenceMemory,
+    fuse_scores,
+    normalize_patch_tokens,
+    reference_map,
+    reference_score,
+    resolve_storage_dtype,
+)
 from .runtime import resolve_device, resolve_dtype
 from .scoring import anomaly_maps, gaussian_blur, image_scores
 from .tiling import TileStitcher, crop_prepared, tile_grid
@@ -361,6 +369,10 @@ class AnomalyCLIP(nn.Module):
                 "'local-dir:' reference of its CLIP, or from_pretrained cannot rebuild it.",
                 self.config.backbone,
             )
+        if self._references is not None:  # a profile whose references cannot run is never written
+            self._references.check_compatible(
+                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+            )
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.prompts.state_dict().items()}
@@ -672,9 +684,7 @@ class AnomalyCLIP(nn.Module):
                     f"The memory holds references taken with tile_size={memory.tile_size}; these would be taken with "
                     f"tile_size={tile_size}. Use the same tiling, or call model.clear_references() first."
                 )
-            if storage_dtype is not None and ReferenceMemory(
-                image_size=1, feature_layers=(1,), storage_dtype=storage_dtype
-            ).storage_dtype != memory.storage_dtype:
+            if storage_dtype is not None and resolve_storage_dtype(storage_dtype) != memory.storage_dtype:
                 raise InvalidInputError(
                     f"The memory stores {memory.storage_dtype}; call model.clear_references() to change the storage dtype."
                 )

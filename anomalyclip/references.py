@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ __all__ = [
     "reference_score",
     "fuse_scores",
     "greedy_coreset",
+    "resolve_storage_dtype",
     "ReferenceMemory",
 ]
 
@@ -243,7 +244,7 @@ class ReferenceMemory:
         self.image_size = int(image_size)
         self.feature_layers = _layers(feature_layers)
         self.backbone = str(backbone)
-        self.storage_dtype = _storage_dtype(storage_dtype)
+        self.storage_dtype = resolve_storage_dtype(storage_dtype)
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.chunk_elements = int(chunk_elements)
@@ -414,21 +415,11 @@ class ReferenceMemory:
         )
 
 
-def _storage_dtype(value: torch.dtype | str) -> torch.dtype:
+def resolve_storage_dtype(value: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` / ``torch.float16`` from a dtype or its name; anything else is an error."""
     if isinstance(value, torch.dtype) and value in _STORAGE_DTYPES.values():
         return value
     if isinstance(value, str) and value.replace("torch.", "") in _STORAGE_DTYPES:
         return _STORAGE_DTYPES[value.replace("torch.", "")]
     raise InvalidInputError(f"Reference storage dtype must be float32 or float16, got {value!r}.")
 
-
-def describe(memory: ReferenceMemory | None) -> dict[str, Any]:
-    """A JSON-ready summary (for reports)."""
-    if memory is None:
-        return {"num_references": 0}
-    return {
-        "num_references": memory.num_images,
-        "reference_patches": len(memory),
-        "reference_dtype": str(memory.storage_dtype).replace("torch.", ""),
-        "reference_tile_size": memory.tile_size,
-    }

@@ -240,6 +240,18 @@ def test_add_and_clear_references_accepts_predict_inputs(model, tmp_path):
         assert model(model.preprocess(IMAGE_A)).reference_maps is None
 
 
+def test_calibrate_uses_the_fused_outputs(model):
+    normals = _textures(3, seed=21)
+    zero_shot = model.calibrate(normals, quantile=0.9)
+    model.add_references(_textures(2, seed=22))
+    fused = model.calibrate(normals, quantile=0.9)
+    with torch.inference_mode():
+        out = model(model.preprocess(normals))
+    assert fused.image == pytest.approx(float(np.quantile(out.scores.numpy(), 0.9)), abs=1e-6)
+    assert fused.pixel == pytest.approx(float(np.quantile(out.anomaly_maps.numpy(), 0.9)), abs=1e-5)
+    assert fused.pixel > zero_shot.pixel  # the reference map adds to the zero-shot scale
+
+
 def test_reference_errors(model, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match="No image files"):
@@ -260,7 +272,7 @@ def test_reference_errors(model, tmp_path):
         model.references = "memory"
 
 
-def test_changed_settings_never_mix_with_references(model, caplog):
+def test_changed_settings_never_mix_with_references(model, caplog, tmp_path):
     model.add_references(IMAGE_B)
     with caplog.at_level("WARNING", logger="anomalyclip.model"):
         model.reconfigure(image_size=224)
@@ -268,6 +280,9 @@ def test_changed_settings_never_mix_with_references(model, caplog):
     try:
         with pytest.raises(InvalidInputError, match=r"image_size 112 \(the model now runs 224\).*clear_references"):
             model.predict(IMAGE_A)
+        with pytest.raises(InvalidInputError, match="image_size 112"):
+            model.save_pretrained(tmp_path / "stale")  # never writes a profile that cannot run
+        assert not (tmp_path / "stale").exists()
         model.reconfigure(image_size=SIZE, feature_layers=(24,))
         with pytest.raises(InvalidInputError, match="feature_layers"):
             model.predict(IMAGE_A)

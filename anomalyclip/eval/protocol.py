@@ -163,7 +163,7 @@ def _evaluate(
     dataset: Any,
     *,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
     progress: bool,
     before_class: Callable[[str, list], list] | None = None,
 ) -> EvaluationReport:

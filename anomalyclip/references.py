@@ -82,11 +82,13 @@ def nearest_neighbor_distance(
     """Cosine distance of each query to its nearest memory row: ``1 - max_k <q, m_k>``.
 
     Args:
-        queries: ``[Q, D]`` L2-normalized (any float dtype; used in float32).
-        memory: ``[K, D]`` L2-normalized (float32 or float16; each block is used in float32), on
-            the device where the search runs (``queries`` are moved there).
+        queries: ``[Q, D]`` L2-normalized (any float dtype).
+        memory: ``[K, D]`` L2-normalized, float32 or float16, on the device where the search runs
+            (``queries`` are moved there). The products run in float32, except for a float16
+            memory on CUDA, where they run in float16 on the tensor cores (float32 accumulation;
+            similarities rounded to float16, about 5e-4 near 1).
         chunk_elements: the largest similarity block computed at once (``q_rows * m_rows``);
-            memory is read block by block and each block cast to float32 once.
+            memory is read block by block, each block once per call.
 
     Returns:
         ``[Q]`` float32 distances in [0, 2] on ``memory``'s device.
@@ -100,16 +102,17 @@ def nearest_neighbor_distance(
         raise InvalidInputError("nearest_neighbor_distance: the memory is empty; add references first.")
     if chunk_elements < 1:
         raise InvalidInputError(f"chunk_elements must be >= 1, got {chunk_elements}.")
-    queries = queries.to(device=memory.device, dtype=torch.float32)
+    compute = torch.float16 if memory.dtype == torch.float16 and memory.device.type == "cuda" else torch.float32
+    queries = queries.to(device=memory.device, dtype=compute)
     n_q, n_m = queries.shape[0], memory.shape[0]
     q_rows, m_rows = _block_rows(n_q, n_m, chunk_elements)
     best = torch.full((n_q,), -math.inf, dtype=torch.float32, device=memory.device)
     for m_start in range(0, n_m, m_rows):
-        block = memory[m_start : m_start + m_rows].float().T  # [D, m]
+        block = memory[m_start : m_start + m_rows].to(compute).T  # [D, m]
         for q_start in range(0, n_q, q_rows):
             sim = queries[q_start : q_start + q_rows] @ block  # [q, m] <= chunk_elements
             part = best[q_start : q_start + q_rows]
-            torch.maximum(part, sim.amax(dim=1), out=part)
+            torch.maximum(part, sim.amax(dim=1).float(), out=part)
     return (1.0 - best).clamp_(min=0.0)
 
 

@@ -340,9 +340,17 @@ def test_few_shot_references_and_tiles_on_cuda_match_cpu():
             torch.cuda.set_sync_debug_mode(0)
     assert _max_abs(first.scores, again.scores) == 0.0 and again.reference_maps is not None
     gpu.clear_references()
-    gpu.add_references([IMAGE_B], storage_dtype="float16", coreset=0.5)
+    gpu.add_references([IMAGE_B])
+    full = gpu.predict(IMAGE_A)
+    gpu.clear_references()
+    gpu.add_references([IMAGE_B], storage_dtype="float16")  # float16 products on the tensor cores
     half = gpu.predict(IMAGE_A)
-    assert gpu.references.memories[24].dtype == torch.float16 and 0.0 <= half.score <= 1.0
+    assert gpu.references.memories[24].dtype == torch.float16
+    assert abs(half.score - full.score) <= 1e-3
+    assert np.abs(half.anomaly_map - full.anomaly_map).max() <= 5e-3
+    gpu.clear_references()
+    gpu.add_references([IMAGE_B], coreset=0.5)  # the greedy coreset on the GPU
+    assert len(gpu.references) == (224 // 14) ** 2 // 2 and 0.0 <= gpu.predict(IMAGE_A).score <= 1.0
 
 
 def test_onnx_export_runs_on_cuda_execution_provider(cpu_model, pixel_values, tmp_path):

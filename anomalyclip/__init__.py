@@ -9,10 +9,10 @@ Quick start::
 ``import anomalyclip`` is cheap: the names below are imported from their modules on first use
 (PEP 562), so torch, open_clip and scipy load only when something needs them.
 
-Layout: numerics (``scoring``, ``ops``, ``vision``, ``prompts``) -> the model (``model``,
-``backbone``, ``official``, ``presets``) -> on top, ``data`` (data sets), ``train`` (glocal
-finetune, feature cache, losses), ``eval`` (metrics, thresholds, the evaluation protocol),
-``visualize`` and ``cli``.
+Layout: numerics (``scoring``, ``ops``, ``vision``, ``prompts``, ``references``, ``tiling``) ->
+the model (``model``, ``backbone``, ``official``, ``presets``) -> on top, ``data`` (data sets),
+``train`` (glocal finetune, feature cache, losses), ``eval`` (metrics, thresholds, the evaluation
+protocol), ``visualize`` and ``cli``.
 """
 
 from __future__ import annotations

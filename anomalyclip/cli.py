@@ -70,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-thresholds", action="store_true", help="ignore the thresholds saved with the model")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in the overlays")
+    p.add_argument(
+        "--references",
+        nargs="+",
+        default=None,
+        metavar="DIR_OR_FILE",
+        help="normal reference images or folders (few-shot: fused with the zero-shot map, see docs/fewshot.md)",
+    )
+    p.add_argument(
+        "--coreset", type=float, default=None, help="keep this fraction of the reference patches (greedy coreset, e.g. 0.1)"
+    )
+    p.add_argument(
+        "--tile-size", type=int, default=None, help="cut images larger than this many pixels into tiles (docs/tiling.md)"
+    )
+    p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap fraction of the tiles (default 0.25)")
     p.set_defaults(handler=_predict)
 
     p = sub.add_parser("evaluate", help="metrics on a benchmark data set, as the paper reports them")
@@ -91,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="data-loading worker processes (default: 0 on the CPU, up to 8 on a GPU)",
     )
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="few-shot protocol: per class, K normal training images drawn with --seed become the references",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw (default 0)")
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("finetune", help="learn prompts on auxiliary data (the paper's glocal training)")
@@ -160,12 +181,13 @@ def _load_model(args: argparse.Namespace):
 def collect_images(inputs: Sequence[str]) -> list[Path]:
     """Files as given, and image files found recursively in directories (sorted)."""
     from .errors import InvalidInputError
+    from .files import find_images
 
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(find_images(path))
         elif path.exists():
             found.append(path)
         else:
@@ -197,6 +219,17 @@ def _predict(args: argparse.Namespace) -> int:
 
     images = collect_images(args.inputs)
     model = _load_model(args)
+    if args.references:
+        references = collect_images(args.references)
+        model.add_references(
+            references,
+            batch_size=args.batch_size,
+            tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
+            coreset=args.coreset,
+            progress=not args.quiet,
+        )
+        logger.info("Added %d reference image(s)", len(references))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vmin, vmax = model.map_range  # a fixed colour scale: overlays of different images are comparable
@@ -211,6 +244,8 @@ def _predict(args: argparse.Namespace) -> int:
                 image_threshold=args.threshold,
                 pixel_threshold=args.pixel_threshold,
                 thresholds=False if args.no_thresholds else None,
+                tile_size=args.tile_size,
+                tile_overlap=args.tile_overlap,
             )
             for name, result in zip(names[start : start + len(chunk)], results):
                 save_overlay(
@@ -239,7 +274,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.classes:
         dataset = dataset.subset(args.classes)
     model = _load_model(args)
-    report = evaluate(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.quiet)
+    report = evaluate(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+        shots=args.shots,
+        seed=args.seed,
+    )
     write_reports(report, args.out)
     print(format_table(report))
     return 0

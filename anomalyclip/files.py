@@ -1,5 +1,5 @@
-"""File-system helpers without torch: atomic writes, the library's cache directory, and file lists
-for messages."""
+"""File-system helpers without torch: atomic writes, the library's cache directory, image-file
+listing, and file lists for messages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
-__all__ = ["atomic_path", "atomic_write", "cache_root", "list_paths"]
+__all__ = ["IMAGE_SUFFIXES", "atomic_path", "atomic_write", "cache_root", "find_images", "list_paths"]
+
+#: Extensions of the files read as images (compared in lower case).
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @contextlib.contextmanager
@@ -61,3 +64,14 @@ def list_paths(paths: Sequence[Any], limit: int = 5) -> str:
     """Paths for an error or warning message: the first ``limit`` quoted, then ``"and N more"``."""
     shown = ", ".join(f"'{p}'" for p in paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files (extensions in :data:`IMAGE_SUFFIXES`, any case) under ``folder``, searched
+    recursively, sorted by path; hidden files (names starting with ``.``) are skipped."""
+    root = Path(folder)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 from ._version import __version__
 from .errors import WeightsNotFoundError
 
-__all__ = ["is_repo_id", "hub_download", "is_offline"]
+__all__ = ["is_repo_id", "hub_download", "hub_download_if_present", "is_offline"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +102,53 @@ def hub_download(
         raise WeightsNotFoundError(f"Cannot load {where} ({what}): {exc}") from exc
     logger.debug("Resolved %s to %s", where, path)
     return Path(path)
+
+
+def hub_download_if_present(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    what: str = "file",
+) -> Path | None:
+    """:func:`hub_download` of an optional file: None when the repo has no such file.
+
+    Offline, a file that is not in the cache and not known to be absent cannot be checked: it is
+    skipped with a warning that says so.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            what=what,
+        )
+    except WeightsNotFoundError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, LocalEntryNotFoundError):
+            cached = try_to_load_from_cache(
+                repo_id, filename, cache_dir=str(cache_dir) if cache_dir is not None else None, revision=revision
+            )
+            # None: unknown; a path: cached; any other value: the cache's "known to be absent" marker.
+            if cached is None or isinstance(cached, (str, os.PathLike)):
+                logger.warning(
+                    "Cannot check Hub repo '%s' for %s ('%s') offline: it is not in the local cache. Loading without it.",
+                    repo_id,
+                    what,
+                    filename,
+                )
+            return None
+        if isinstance(cause, EntryNotFoundError):
+            return None
+        raise

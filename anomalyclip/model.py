@@ -11,7 +11,7 @@ import numbers
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -33,16 +33,26 @@ from .config import (
     default_dpam_layers,
 )
 from .errors import BackboneError, CheckpointError, InvalidInputError
-from .hub import hub_download, is_repo_id
+from .hub import hub_download, hub_download_if_present, is_repo_id
 from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
 from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset, git_blob_sha1
 from .prefetch import default_num_workers, prefetch_batches, stack_batch
 from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
-from .files import atomic_path, atomic_write, cache_root
+from .files import atomic_path, atomic_write, cache_root, find_images
+from .references import (
+    REFERENCES_NAME,
+    ReferenceMemory,
+    fuse_scores,
+    normalize_patch_tokens,
+    reference_map,
+    reference_score,
+    resolve_storage_dtype,
+)
 from .runtime import is_out_of_memory, out_of_memory_error, resolve_device, resolve_dtype
-from .scoring import anomaly_maps, image_scores
+from .scoring import anomaly_maps, gaussian_blur, image_scores
+from .tiling import TileStitcher, crop_prepared, tile_grid
 from .eval.thresholds import Thresholds
 from .vision import encode_image
 
@@ -106,6 +116,7 @@ class AnomalyCLIP(nn.Module):
         self._check_prompt_shapes(self.prompts.state_dict(), "prompts")
         self.register_buffer("token_ids", tokenize_prompts(config.n_ctx, clip.context_length), persistent=False)
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self._references: ReferenceMemory | None = None
         self.eval()  # every constructor returns a model ready for inference; finetune switches modes itself
 
     # ------------------------------------------------------------------ construction
@@ -248,6 +259,7 @@ class AnomalyCLIP(nn.Module):
         if name in PRESETS:
             return cls._from_preset(name, local_files_only=local_files_only, force_download=force_download, **load)
         path = Path(name).expanduser()
+        references_file: Path | None
         if path.is_dir():
             files = {f: path / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
             for f in files.values():
@@ -256,6 +268,7 @@ class AnomalyCLIP(nn.Module):
                         f"'{path}' has no {f.name}; expected a directory written by save_pretrained "
                         f"({CONFIG_NAME} + {WEIGHTS_NAME})."
                     )
+            references_file = path / REFERENCES_NAME if (path / REFERENCES_NAME).is_file() else None
         elif is_repo_id(name) and not path.exists():
             hub = dict(
                 revision=revision,
@@ -268,12 +281,16 @@ class AnomalyCLIP(nn.Module):
                 CONFIG_NAME: hub_download(name, CONFIG_NAME, what="model config", **hub),
                 WEIGHTS_NAME: hub_download(name, WEIGHTS_NAME, what="prompt weights", **hub),
             }
+            references_file = hub_download_if_present(name, REFERENCES_NAME, what="few-shot references", **hub)
         else:
             raise InvalidInputError(
                 f"'{name}' is not a directory, a preset ({', '.join(sorted(PRESETS))}) or a Hub repo id "
                 "('org/name'). Check the path."
             )
-        return cls._from_files(files, **load)
+        model = cls._from_files(files, **load)
+        if references_file is not None:
+            model.references = ReferenceMemory.load(references_file)
+        return model
 
     @classmethod
     def _from_preset(
@@ -425,7 +442,9 @@ class AnomalyCLIP(nn.Module):
         """Write the model to a directory that :meth:`from_pretrained` loads.
 
         Files: ``config.json`` (sorted, indented; the inference options, the thresholds and what
-        the prompts were trained on), ``model.safetensors`` (the prompts only) and ``README.md``,
+        the prompts were trained on), ``model.safetensors`` (the prompts only),
+        ``references.safetensors`` when the model has few-shot references (see
+        :meth:`add_references`; together an inspection profile) and ``README.md``,
         a model card (:mod:`anomalyclip.card`). A ``README.md`` that this library did not write is
         kept as it is. Each file is written to a temporary name and renamed, so an interrupted
         save never leaves a half-written model.
@@ -444,11 +463,20 @@ class AnomalyCLIP(nn.Module):
                 "'local-dir:' reference of its CLIP, or from_pretrained cannot rebuild it.",
                 self.config.backbone,
             )
+        if self._references is not None:  # a profile whose references cannot run is never written
+            self._references.check_compatible(
+                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+            )
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.prompts.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "library": "anomalyclip"})
+        references_file = directory / REFERENCES_NAME
+        if self._references is not None:
+            self._references.save(references_file)
+        elif references_file.exists():
+            references_file.unlink()  # never leave another profile's references beside these prompts
         with atomic_write(directory / CONFIG_NAME, "w") as handle:
             handle.write(self.config.to_json())
         if model_card:
@@ -541,7 +569,18 @@ class AnomalyCLIP(nn.Module):
             )
             config = dataclasses.replace(config, thresholds=None)
         self.config = config
+        self._warn_if_references_stale()
         return self
+
+    def _warn_if_references_stale(self) -> None:
+        if self._references is None:
+            return
+        try:
+            self._references.check_compatible(
+                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+            )
+        except InvalidInputError as exc:
+            logger.warning("%s Until then, forward/predict raise this error.", exc)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -558,14 +597,17 @@ class AnomalyCLIP(nn.Module):
 
     @property
     def map_range(self) -> tuple[float, float]:
-        """``(0.0, n)``: the range of anomaly-map values for ``n = len(config.feature_layers)``.
+        """``(0.0, n)``: the range of anomaly-map values for ``n = len(config.feature_layers)``;
+        ``(0.0, 3 n)`` with few-shot references.
 
-        A map is the official sum over the output layers of each layer's anomalous probability,
-        so its values lie in [0, 1] with the default single layer and in [0, 4] with
-        ``(6, 12, 18, 24)``. Use it as an overlay's colour range
+        A zero-shot map is the official sum over the output layers of each layer's anomalous
+        probability, so its values lie in [0, 1] with the default single layer and in [0, 4] with
+        ``(6, 12, 18, 24)``. With references, each layer adds its nearest-neighbour cosine
+        distance, in [0, 2] (``docs/fewshot.md``). Use it as an overlay's colour range
         (``save_overlay(..., vmin=lo, vmax=hi)``) and to read a pixel threshold.
         """
-        return (0.0, float(len(self.config.feature_layers)))
+        n = float(len(self.config.feature_layers))
+        return (0.0, 3.0 * n if self._references is not None else n)
 
     @property
     def thresholds(self) -> Thresholds | None:
@@ -677,6 +719,8 @@ class AnomalyCLIP(nn.Module):
 
         Returns:
             :class:`AnomalyOutput` with ``scores [B]`` and ``anomaly_maps [B, S, S]`` (float32).
+            With few-shot references (:meth:`add_references`) they are the fused score and map,
+            and the output also holds the zero-shot and reference parts.
 
         On CUDA the forward never waits for the GPU: the input is copied asynchronously (from
         pinned memory truly in the background, so do not write into a pinned input before the
@@ -703,13 +747,179 @@ class AnomalyCLIP(nn.Module):
             image_size=pixel_values.shape[-1],
             sigma=self.config.sigma,
         )
-        return AnomalyOutput(
+        out = AnomalyOutput(
             scores=scores,
             anomaly_maps=final,
             raw_anomaly_maps=raw,
             image_features=F.normalize(features.image_features.float(), dim=-1),
             patch_features=features.patch_features,
+            zero_shot_scores=scores,
+            zero_shot_maps=final,
         )
+        if self._references is not None:
+            out = self._fuse_references(out, pixel_values.shape[-1])
+        return out
+
+    def _fuse_references(self, out: AnomalyOutput, image_size: int) -> AnomalyOutput:
+        """Add the reference part to a zero-shot output (the fusion of ``docs/fewshot.md``)."""
+        memory = cast(ReferenceMemory, self._references)
+        memory.check_compatible(
+            image_size=image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+        )
+        if memory.device != self.device:
+            memory.to(self.device)
+        distances = memory.distances(out.patch_features)  # layer -> [B, G*G]
+        reference_raw = reference_map(distances, image_size)  # [B, S, S]
+        fused_raw = out.raw_anomaly_maps + reference_raw
+        blurred = gaussian_blur(torch.cat([fused_raw, reference_raw]), self.config.sigma)
+        b = fused_raw.shape[0]
+        reference_scores = reference_score(distances)
+        return dataclasses.replace(
+            out,
+            scores=fuse_scores(out.scores, reference_scores),
+            anomaly_maps=blurred[:b],
+            raw_anomaly_maps=fused_raw,
+            reference_scores=reference_scores,
+            reference_maps=blurred[b:],
+        )
+
+    # ------------------------------------------------------------------ few-shot references
+    @property
+    def references(self) -> ReferenceMemory | None:
+        """The few-shot reference memory (None when zero-shot). Assign a
+        :class:`~anomalyclip.references.ReferenceMemory` or None to replace it."""
+        return self._references
+
+    @references.setter
+    def references(self, memory: ReferenceMemory | None) -> None:
+        if memory is not None and not isinstance(memory, ReferenceMemory):
+            raise InvalidInputError(
+                f"model.references takes an anomalyclip.references.ReferenceMemory or None, got {type(memory).__name__}."
+            )
+        self._references = memory if memory is None or len(memory) else None
+        self._warn_if_references_stale()
+
+    @property
+    def num_references(self) -> int:
+        """How many normal reference images are in the memory (0: zero-shot)."""
+        return 0 if self._references is None else self._references.num_images
+
+    def clear_references(self) -> None:
+        """Forget the few-shot references: the model is zero-shot again."""
+        self._references = None
+
+    def add_references(
+        self,
+        images: ImageInput | str | os.PathLike | Sequence[ImageInput],
+        *,
+        batch_size: int = 8,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+        coreset: float | None = None,
+        storage_dtype: str | torch.dtype | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> int:
+        """Add normal reference images: from now on, scores and maps fuse the zero-shot output
+        with each patch's distance to the nearest normal patch (see ``docs/fewshot.md``).
+
+        The patch tokens of each output layer (the same tokens as the zero-shot map) are kept in
+        a memory on the model's device. Calls accumulate; :meth:`clear_references` forgets them;
+        :meth:`save_pretrained` writes them beside the prompts.
+
+        Args:
+            images: what :meth:`predict` takes (paths, PIL images, arrays, CHW tensors, or a list
+                of them), or a folder (searched recursively for image files).
+            batch_size: images (or tiles) per forward pass.
+            tile_size: cut each image into overlapping tiles of this many pixels and take the
+                references from the tiles (use the same tiling as in ``predict``).
+            tile_overlap: overlap fraction of the tiles.
+            coreset: keep only this fraction (0, 1] of the new patches per layer, chosen by
+                PatchCore's greedy k-center coreset (for many references, e.g. 0.1 for 100+).
+            storage_dtype: ``"float32"`` (default) or ``"float16"`` (half the memory; distances
+                change by about 1e-3). Fixed by the first call.
+            seed: seed of the coreset.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            :attr:`num_references`, the number of reference images now in the memory.
+        """
+        items = self._reference_items(images)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
+        if tile_size is not None:
+            self._check_tile_size(tile_size)
+            tile_grid(tile_size, tile_size, tile_size, tile_overlap)  # validates the overlap
+        memory = self._references
+        if memory is None:
+            memory = ReferenceMemory(
+                image_size=self.config.image_size,
+                feature_layers=self.config.feature_layers,
+                backbone=self.config.backbone,
+                storage_dtype=storage_dtype if storage_dtype is not None else torch.float32,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap if tile_size is not None else None,
+            )
+        else:
+            memory.check_compatible(
+                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
+            )
+            if memory.tile_size != tile_size:
+                raise InvalidInputError(
+                    f"The memory holds references taken with tile_size={memory.tile_size}; these would be taken with "
+                    f"tile_size={tile_size}. Use the same tiling, or call model.clear_references() first."
+                )
+            if storage_dtype is not None and resolve_storage_dtype(storage_dtype) != memory.storage_dtype:
+                raise InvalidInputError(
+                    f"The memory stores {memory.storage_dtype}; call model.clear_references() to change the storage dtype."
+                )
+        tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.config.feature_layers}
+
+        def collect(pixel_values: torch.Tensor) -> None:
+            features = self.encode_image(pixel_values.to(device=self.device, dtype=self.dtype))
+            for layer in self.config.feature_layers:
+                t = normalize_patch_tokens(features.patch_features[layer])
+                tokens[layer].append(t.reshape(-1, t.shape[-1]))
+
+        from tqdm.auto import tqdm
+
+        with torch.inference_mode():
+            if tile_size is None:
+                for start in tqdm(range(0, len(items), batch_size), desc="references", unit="batch", disable=not progress):
+                    collect(self.preprocess(items[start : start + batch_size]))
+            else:
+                for item in tqdm(items, desc="references", unit="img", disable=not progress):
+                    prepared = self._prepare(item)
+                    tiles = tile_grid(*prepared.size, tile_size, tile_overlap).tiles
+                    for start in range(0, len(tiles), batch_size):
+                        chunk = tiles[start : start + batch_size]
+                        collect(torch.stack([self._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
+            memory.add({k: torch.cat(v) for k, v in tokens.items()}, num_images=len(items), coreset=coreset, seed=seed)
+        self._references = memory
+        logger.info("References: %r", memory)
+        return memory.num_images
+
+    def _reference_items(self, images: Any) -> list[ImageInput]:
+        """The images of ``add_references``: folders (searched recursively) expand to their image files."""
+        given = list(images) if _is_image_list(images) else [images]
+        items: list[ImageInput] = []
+        for item in given:
+            if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+                found = find_images(item)
+                if not found:
+                    raise InvalidInputError(f"No image files in folder '{item}' (searched recursively).")
+                items.extend(found)
+            else:
+                items.append(item)
+        if not items:
+            raise InvalidInputError("add_references got no images; pass at least one normal image.")
+        return items
+
+    def _check_tile_size(self, tile_size: Any) -> None:
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < self.patch_size:
+            raise InvalidInputError(
+                f"tile_size must be an int of at least one patch ({self.patch_size} px), got {tile_size!r}."
+            )
 
     # ------------------------------------------------------------------ friendly API
     def predict(
@@ -722,6 +932,8 @@ class AnomalyCLIP(nn.Module):
         thresholds: Thresholds | Literal[False] | None = None,
         progress: bool = False,
         num_workers: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
 
@@ -743,7 +955,13 @@ class AnomalyCLIP(nn.Module):
             num_workers: threads that load and preprocess the next batches while the model runs
                 (:func:`~anomalyclip.prefetch.prefetch_batches`); None: 0 on the CPU, up to 8 on
                 an accelerator (:func:`~anomalyclip.prefetch.default_num_workers`). The results
-                do not depend on it.
+                do not depend on it. Not used with ``tile_size``.
+            tile_size: for high-resolution images: cut each image larger than this many pixels
+                into overlapping tiles, run each tile at the processing size S and blend the tile
+                maps into one map at the original size (see ``docs/tiling.md``). The score is the
+                largest tile score (with references: the fused score of the largest zero-shot
+                and the largest reference tile scores). ``batch_size`` then counts tiles.
+            tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1).
 
         Returns:
             An :class:`AnomalyResult` for a single image, a list of them for a list. ``path`` is
@@ -760,6 +978,10 @@ class AnomalyCLIP(nn.Module):
         _check_batch_size(batch_size)
         image_threshold, pixel_threshold = self._decision_thresholds(thresholds, image_threshold, pixel_threshold)
         workers = self._num_workers(num_workers)
+        if tile_size is not None:
+            return self._predict_tiled(
+                items, single, tile_size, tile_overlap, batch_size, image_threshold, pixel_threshold, progress
+            )
         results: list[AnomalyResult] = []
         batches = prefetch_batches(items, self._load_and_preprocess, batch_size, num_workers=workers)
         bar = None
@@ -829,6 +1051,64 @@ class AnomalyCLIP(nn.Module):
             None if image_threshold is None else float(image_threshold),
             None if pixel_threshold is None else float(pixel_threshold),
         )
+
+    def _predict_tiled(
+        self,
+        items: list[ImageInput],
+        single: bool,
+        tile_size: int,
+        tile_overlap: float,
+        batch_size: int,
+        image_threshold: float | None,
+        pixel_threshold: float | None,
+        progress: bool,
+    ) -> AnomalyResult | list[AnomalyResult]:
+        """``predict`` with tiles: each tile through ``preprocess``/``forward``, maps blended."""
+        from tqdm.auto import tqdm
+
+        self._check_tile_size(tile_size)
+        memory = self._references
+        warn_scale = memory is not None and memory.tile_size != tile_size
+        results: list[AnomalyResult] = []
+        with torch.inference_mode():
+            for item in tqdm(items, desc="AnomalyCLIP", unit="img", disable=not progress):
+                prepared = self._prepare(item)
+                grid = tile_grid(*prepared.size, tile_size, tile_overlap)
+                if warn_scale and (len(grid) > 1 or memory.tile_size is not None):
+                    logger.warning(
+                        "The references were taken with tile_size=%s but predict tiles with %s: test and reference "
+                        "patches then have different scales. Add the references with the same tile_size.",
+                        memory.tile_size,
+                        tile_size,
+                    )
+                    warn_scale = False
+                stitcher = TileStitcher(grid)
+                zero_shot, reference = [], []
+                tiles = grid.tiles
+                for start in range(0, len(tiles), batch_size):
+                    chunk = tiles[start : start + batch_size]
+                    out = self(torch.stack([self._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
+                    for i, tile in enumerate(chunk):
+                        tile_map = F.interpolate(
+                            out.anomaly_maps[i][None, None], size=(tile.height, tile.width), mode="bilinear", align_corners=False
+                        )
+                        stitcher.add(tile, tile_map[0, 0])
+                    zero_shot.append(cast(torch.Tensor, out.zero_shot_scores).float())
+                    if out.reference_scores is not None:
+                        reference.append(out.reference_scores.float())
+                score = torch.cat(zero_shot).max()
+                if reference:
+                    score = fuse_scores(score, torch.cat(reference).max())
+                results.append(
+                    AnomalyResult(
+                        score=float(score),
+                        anomaly_map=stitcher.result().numpy(),
+                        image_threshold=image_threshold,
+                        pixel_threshold=pixel_threshold,
+                        path=os.fspath(item) if isinstance(item, (str, os.PathLike)) else None,
+                    )
+                )
+        return results[0] if single else results
 
     def calibrate(
         self,

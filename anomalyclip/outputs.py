@@ -22,14 +22,29 @@ __all__ = ["AnomalyOutput", "AnomalyResult"]
 class AnomalyOutput:
     """Output of :meth:`AnomalyCLIP.forward`, on the model's device, at the processing size S.
 
+    Without references (zero-shot), ``scores`` and ``anomaly_maps`` are the zero-shot ones and
+    ``zero_shot_scores`` / ``zero_shot_maps`` are the same tensors. With few-shot references
+    (:meth:`AnomalyCLIP.add_references`), ``scores`` and ``anomaly_maps`` are fused (see
+    ``docs/fewshot.md``) and both parts stay inspectable.
+
     Attributes:
-        scores: ``[B]`` float32 image anomaly scores (anomalous-class probability, in [0, 1]).
+        scores: ``[B]`` float32 image anomaly scores in [0, 1]: the anomalous-class probability
+            (zero-shot), or ``(zero_shot_scores + reference_scores) / 2`` with references.
         anomaly_maps: ``[B, S, S]`` float32 final maps: the sum over output layers of the
-            per-layer anomalous probability, Gaussian-blurred (values in [0, n_layers]).
+            per-layer anomalous probability (values in [0, n_layers]), plus the raw reference map
+            with references, Gaussian-blurred.
         raw_anomaly_maps: ``[B, S, S]`` the same before the blur.
         image_features: ``[B, D]`` L2-normalized global features.
         patch_features: output layer -> ``[B, N, D]`` projected tokens (class token first, not
             normalized).
+        zero_shot_scores: ``[B]`` the zero-shot image scores.
+        zero_shot_maps: ``[B, S, S]`` the zero-shot final (blurred) maps.
+        reference_scores: ``[B]`` in [0, 1], the largest layer-averaged nearest-neighbour cosine
+            distance to the references, halved; None without references.
+        reference_maps: ``[B, S, S]`` the sum over output layers of the upsampled nearest-neighbour
+            cosine distances, blurred like the zero-shot map (values in [0, 2 n_layers]);
+            ``anomaly_maps`` equals ``zero_shot_maps + reference_maps`` up to rounding (the blur
+            is linear). None without references.
     """
 
     scores: torch.Tensor
@@ -37,6 +52,10 @@ class AnomalyOutput:
     raw_anomaly_maps: torch.Tensor
     image_features: torch.Tensor
     patch_features: dict[int, torch.Tensor] = field(default_factory=dict)
+    zero_shot_scores: torch.Tensor | None = None
+    zero_shot_maps: torch.Tensor | None = None
+    reference_scores: torch.Tensor | None = None
+    reference_maps: torch.Tensor | None = None
 
 
 @dataclass

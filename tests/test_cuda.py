@@ -12,7 +12,6 @@ Skipped where no CUDA GPU is visible; ``pytest -m cuda`` runs only these
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import numpy as np
@@ -319,20 +318,39 @@ def test_finetune_two_epochs_on_cuda(tmp_path, feature_cache):
 # ----------------------------------------------------------------------------- optional features
 
 
-def _reference_parameter() -> str | None:
-    """The few-shot argument of ``predict`` (issue 11), if this version has one."""
-    parameters = inspect.signature(AnomalyCLIP.predict).parameters
-    return next((p for p in ("references", "reference_images", "normal_references") if p in parameters), None)
-
-
-def test_few_shot_predict_on_cuda_matches_cpu(cpu_model, cuda_model):
-    parameter = _reference_parameter()
-    if parameter is None:
-        pytest.skip("no few-shot (reference images) argument in AnomalyCLIP.predict in this version")
-    expected = cpu_model.predict(IMAGE_A, **{parameter: [IMAGE_B]})
-    got = cuda_model.predict(IMAGE_A, **{parameter: [IMAGE_B]})
-    assert abs(got.score - expected.score) <= 1e-4
-    assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-3
+def test_few_shot_references_and_tiles_on_cuda_match_cpu():
+    """Issue 11 on CUDA: the chunked nearest-neighbour search, the fusion, float16 storage and
+    tiling agree with the CPU, and a fused forward never waits for the GPU."""
+    cpu, gpu = _golden_model("cpu", image_size=224), _golden_model("cuda", image_size=224)
+    for model in (cpu, gpu):
+        model.add_references([IMAGE_B], tile_size=200)
+    assert gpu.references.device.type == "cuda"  # the memory lives on the model's device
+    for kwargs in ({}, {"tile_size": 200}):
+        expected, got = cpu.predict(IMAGE_A, **kwargs), gpu.predict(IMAGE_A, **kwargs)
+        assert abs(got.score - expected.score) <= 1e-4, kwargs
+        assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-3, kwargs
+    x = cpu.preprocess(IMAGE_A).cuda()
+    with torch.inference_mode():
+        first = gpu(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = gpu(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert _max_abs(first.scores, again.scores) == 0.0 and again.reference_maps is not None
+    gpu.clear_references()
+    gpu.add_references([IMAGE_B])
+    full = gpu.predict(IMAGE_A)
+    gpu.clear_references()
+    gpu.add_references([IMAGE_B], storage_dtype="float16")  # float16 products on the tensor cores
+    half = gpu.predict(IMAGE_A)
+    assert gpu.references.memories[24].dtype == torch.float16
+    assert abs(half.score - full.score) <= 1e-3
+    assert np.abs(half.anomaly_map - full.anomaly_map).max() <= 5e-3
+    gpu.clear_references()
+    gpu.add_references([IMAGE_B], coreset=0.5)  # the greedy coreset on the GPU
+    assert len(gpu.references) == (224 // 14) ** 2 // 2 and 0.0 <= gpu.predict(IMAGE_A).score <= 1.0
 
 
 def test_onnx_export_runs_on_cuda_execution_provider(cpu_model, pixel_values, tmp_path):

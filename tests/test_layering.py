@@ -113,6 +113,8 @@ _MODEL_LAYER = (
     "anomalyclip.outputs",
     "anomalyclip.ops",
     "anomalyclip.scoring",
+    "anomalyclip.references",
+    "anomalyclip.tiling",
     "anomalyclip.vision",
     "anomalyclip.prompts",
     "anomalyclip.backbone",

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import overload
 
 from ..errors import DatasetError, InvalidInputError
-from ..files import list_paths
+from ..files import IMAGE_SUFFIXES, list_paths
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -60,12 +60,12 @@ __all__ = [
     "read_meta",
     "read_folder",
     "load_dataset",
+    "load_reference_pool",
+    "draw_shots",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Extensions of the files read as images (compared in lower case).
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: The layouts :func:`load_dataset` reads.
 FORMATS: tuple[str, ...] = ("mvtec", "visa", "meta", "folder")
 #: The defect name (and folder name) of normal images.
@@ -718,3 +718,74 @@ def load_dataset(
     if name == "folder":
         return read_folder(root, require_masks=require_masks)
     raise InvalidInputError(f"Unknown data set format {format!r}. Valid formats: {', '.join(FORMATS)}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Few-shot references: each class's normal training images
+# --------------------------------------------------------------------------------------------
+
+
+def load_reference_pool(root: str | os.PathLike, format: str, *, split: str = "train") -> AnomalyDataset:
+    """The normal images that few-shot references are drawn from, per class.
+
+    - ``"mvtec"``: ``<class>/train/good/`` (:func:`read_mvtec` with ``split="train"``);
+    - ``"visa"``: the ``normal`` rows of the ``train`` split of ``split_csv/1cls.csv``;
+    - ``"meta"``: the normal entries of the ``"train"`` split of ``meta.json``;
+    - ``"folder"``: the ``good/`` images (a plain folder has no training split: the evaluation
+      holds the drawn images out of the test set, see :func:`anomalyclip.evaluate`).
+
+    Args:
+        root: the data set folder.
+        format: one of :data:`FORMATS`.
+        split: the training split's name (``"mvtec"``, ``"visa"``, ``"meta"``).
+
+    Raises:
+        DatasetError: no normal training images (the message names the layout expected).
+    """
+    name = str(format).strip().lower()
+    if name not in FORMATS:
+        raise InvalidInputError(f"Unknown data set format {format!r}. Valid formats: {', '.join(FORMATS)}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # normal-only by design; anomalies are dropped
+            if name == "folder":
+                dataset = read_folder(root, require_masks=False)
+            else:
+                dataset = load_dataset(root, name, split=split, require_masks=False)
+    except DatasetError as exc:
+        raise DatasetError(
+            f"Few-shot references are drawn from the normal images of each class's {split!r} split, which "
+            f"could not be read: {exc}"
+        ) from exc
+    normals = [s for s in dataset if s.label == 0]
+    if not normals:
+        raise DatasetError(f"The {split!r} split of '{root}' ({name} layout) has no normal images to draw references from.")
+    return AnomalyDataset(normals, root=dataset.root, format=dataset.format)
+
+
+def draw_shots(pool: AnomalyDataset, class_name: str, shots: int, seed: int = 0) -> list[Sample]:
+    """``shots`` normal images of ``class_name`` drawn without replacement from ``pool``.
+
+    The draw depends only on ``(seed, class_name)`` and the pool's order (readers list files
+    sorted): ``numpy.random.default_rng([seed, crc32(class_name)]).choice(n, shots, replace=False)``.
+
+    Raises:
+        InvalidInputError: ``shots`` is not a positive int.
+        DatasetError: the class has no or too few normal images in the pool.
+    """
+    import zlib
+
+    import numpy as np
+
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise InvalidInputError(f"shots must be a positive int, got {shots!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"seed must be an int >= 0, got {seed!r}.")
+    candidates = [s for s in pool if s.class_name == class_name and s.label == 0]
+    if len(candidates) < shots:
+        raise DatasetError(
+            f"Class {class_name!r} has {len(candidates)} normal training image(s) in '{pool.root}', fewer than "
+            f"shots={shots}. Use fewer shots or add normal images to its training split."
+        )
+    rng = np.random.default_rng([int(seed), zlib.crc32(class_name.encode("utf-8"))])
+    return [candidates[int(i)] for i in rng.choice(len(candidates), size=shots, replace=False)]

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -91,8 +91,11 @@ def evaluate(
     batch_size: int = 8,
     num_workers: int | None = None,
     progress: bool = True,
+    shots: int | None = None,
+    seed: int = 0,
+    references: Any = None,
 ) -> EvaluationReport:
-    """Evaluate ``model`` on ``dataset`` with the official protocol.
+    """Evaluate ``model`` on ``dataset`` with the official protocol (zero-shot or few-shot).
 
     Args:
         model: an :class:`~anomalyclip.AnomalyCLIP`. Images are preprocessed as its
@@ -106,11 +109,66 @@ def evaluate(
             (:func:`~anomalyclip.prefetch.default_num_workers`). On CUDA the batches are
             pinned and copied asynchronously.
         progress: show a tqdm progress bar.
+        shots: the few-shot protocol: for each class, ``shots`` normal images drawn with ``seed``
+            from that class's normal training images (:func:`~anomalyclip.data.datasets.draw_shots`)
+            are the model's only references while the class is evaluated (a drawn image that is
+            also in the evaluated set is left out of it); the model's own references are restored
+            afterwards. ``None``: the model as it is (zero-shot, or with the references it holds).
+        seed: seed of the draw.
+        references: the pool to draw from, an :class:`~anomalyclip.data.datasets.AnomalyDataset`
+            of normal images; default :func:`~anomalyclip.data.datasets.load_reference_pool` of
+            the data set's root and format (MVTec AD ``train/good``, VisA's and ``meta.json``'s
+            train split, a folder's ``good/`` images).
 
     Returns:
         An :class:`EvaluationReport`. Pixel metrics are computed for the classes whose anomalous
-        images all have masks.
+        images all have masks. ``settings`` records ``shots`` (the number of references; 0 for
+        zero-shot), ``seed`` and, with ``shots``, the drawn ``reference_images`` per class.
     """
+    if shots is None:
+        report = _evaluate(model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        report.settings.update(shots=model.num_references, seed=None)
+        return report
+    from ..data.datasets import draw_shots, load_reference_pool
+
+    pool = references if references is not None else load_reference_pool(dataset.root, dataset.format)
+    drawn: dict[str, list[str]] = {}
+
+    def use_shots(name: str, samples: list) -> list:
+        """Make ``shots`` drawn normals the model's references; return the samples to evaluate."""
+        assert shots is not None
+        chosen = draw_shots(pool, name, shots, seed)
+        drawn[name] = [str(s.image_path) for s in chosen]
+        held_out = {s.image_path for s in chosen}
+        kept = [s for s in samples if s.image_path not in held_out]
+        if len(kept) < len(samples):
+            logger.info("%s: %d reference image(s) held out of the evaluated images.", name, len(samples) - len(kept))
+        model.clear_references()
+        model.add_references([s.image_path for s in chosen], batch_size=batch_size)
+        return kept
+
+    own_references = model.references
+    try:
+        report = _evaluate(
+            model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress, before_class=use_shots
+        )
+    finally:
+        model.references = own_references
+    report.settings.update(shots=shots, seed=seed, reference_images=drawn)
+    return report
+
+
+def _evaluate(
+    model: Any,
+    dataset: Any,
+    *,
+    batch_size: int,
+    num_workers: int | None,
+    progress: bool,
+    before_class: Callable[[str, list], list] | None = None,
+) -> EvaluationReport:
+    """The protocol's loop; ``before_class(name, samples)`` may prepare the model for a class and
+    returns the samples to evaluate."""
     from tqdm.auto import tqdm
 
     from ..data.reader import SampleReader
@@ -130,8 +188,11 @@ def evaluate(
     counts: dict[str, dict[str, int]] = {}
     bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress)
     for name, subset in dataset.by_class().items():
-        n = len(subset)
         samples = list(subset)
+        if before_class is not None:
+            samples = before_class(name, samples)
+            bar.update(len(subset) - len(samples))
+        n = len(samples)
         with_masks = all(s.mask_path is not None for s in samples if s.label == 1)
         scores = np.empty(n, dtype=np.float32)
         labels = np.array([s.label for s in samples], dtype=np.int8)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
+import numpy as np
 import torch
 
 from .errors import InvalidInputError
@@ -120,8 +122,8 @@ def crop_prepared(prepared: PreparedImage, tile: Tile) -> PreparedImage:
         return prepared
     if prepared.pil is not None:
         return PreparedImage(pil=prepared.pil.crop(box), array=None)
-    assert prepared.array is not None
-    return PreparedImage(pil=None, array=prepared.array[tile.top : tile.top + tile.height, tile.left : tile.left + tile.width])
+    array = cast(np.ndarray, prepared.array)  # a PreparedImage holds exactly one of pil and array
+    return PreparedImage(pil=None, array=array[tile.top : tile.top + tile.height, tile.left : tile.left + tile.width])
 
 
 class TileStitcher:

@@ -297,7 +297,7 @@ def test_changed_settings_never_mix_with_references(model, caplog, tmp_path):
 def test_references_round_trip_through_save_pretrained(model, tmp_path):
     model.add_references(_textures(2, seed=11), storage_dtype="float16")
     out = model.save_pretrained(tmp_path / "profile")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", REFERENCES_NAME]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", REFERENCES_NAME]
     tensors = load_file(str(out / REFERENCES_NAME))
     assert sorted(tensors) == [f"layer_{layer}" for layer in sorted(MULTI, key=str)]
     assert tensors["layer_24"].shape == (2 * GRID**2, 32) and tensors["layer_24"].dtype == torch.float16
@@ -321,7 +321,7 @@ def test_references_round_trip_through_save_pretrained(model, tmp_path):
     # loads references exactly when the file is there, as above).
     model.clear_references()
     model.save_pretrained(out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_corrupt_references_file_is_a_checkpoint_error(model, tmp_path):
@@ -361,6 +361,9 @@ def test_push_to_hub_publishes_the_references(model, monkeypatch):
 
         def create_repo(self, repo_id, **kwargs):
             pass
+
+        def file_exists(self, repo_id, filename, **kwargs):
+            return False
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             files["names"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -136,8 +136,7 @@ def evaluate(
 
     def use_shots(name: str, samples: list) -> list:
         """Make ``shots`` drawn normals the model's references; return the samples to evaluate."""
-        assert shots is not None
-        chosen = draw_shots(pool, name, shots, seed)
+        chosen = draw_shots(pool, name, cast(int, shots), seed)
         drawn[name] = [str(s.image_path) for s in chosen]
         held_out = {s.image_path for s in chosen}
         kept = [s for s in samples if s.image_path not in held_out]

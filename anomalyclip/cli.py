@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ._version import __version__
 from .data.datasets import FORMATS
-from .errors import AnomalyCLIPError
+from .errors import AnomalyCLIPError, InvalidInputError
 from .predict_io import collect_images
 
 __all__ = ["main", "build_parser"]
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile-size", type=int, default=None, help="cut images larger than this many pixels into tiles (docs/tiling.md)"
     )
     p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap fraction of the tiles (default 0.25)")
+    ray = p.add_argument_group("scale-out on a Ray cluster (pip install \"anomalyclip[ray]\")")
+    ray.add_argument("--ray", action="store_true", help="score on Ray actors; also writes scores.parquet")
+    ray.add_argument("--ray-address", default=None, help="cluster to join (default: start a local Ray on this machine)")
+    ray.add_argument("--workers", type=int, default=None, help="model actors (default: fill the cluster)")
+    ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per actor (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per actor, e.g. 1 (default 0)")
     p.set_defaults(handler=_predict)
 
     p = sub.add_parser("evaluate", help="metrics on a benchmark data set, as the paper reports them")
@@ -178,6 +184,13 @@ def _load_model(args: argparse.Namespace):
 
 # ----------------------------------------------------------------------------- commands
 def _predict(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .distributed.cli import predict_with_ray
+
+        return predict_with_ray(args)
+    ray_only = ("ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
+    if any(getattr(args, name) is not None for name in ray_only):
+        raise InvalidInputError(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} need --ray.")
     from tqdm.auto import tqdm
 
     from .predict_io import overlay_names, write_scores

@@ -188,6 +188,22 @@ def test_predict_dataset_validates_before_starting_ray(saved_model, image_dir):
     assert not ray.is_initialized()
 
 
+def test_import_needs_neither_ray_nor_torch():
+    """``import anomalyclip.distributed`` is cheap; the map codecs work with Ray and torch blocked."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['ray'] = sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from anomalyclip.distributed import decode_map, encode_map\n"
+        "print(decode_map(encode_map(np.full((3, 5), 0.25, np.float32))).shape)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(3, 5)"
+
+
 def test_missing_ray_names_the_extra(monkeypatch):
     from anomalyclip.distributed import predict_dataset
 

@@ -13,7 +13,8 @@ For each Ray run it reports the wall time (actor start, model load and all batch
 waits for), the time to the first result, and the steady-state rate (images after the first
 result over the time after it), whose ratio between 2 and 1 workers gives the scaling
 efficiency ``rate(2) / (2 * rate(1))``. Ray's own start-up (``ray.init`` of a local cluster) is
-timed separately. Each figure is the median of ``--repeats`` runs.
+timed separately. The four kinds of run alternate within each repeat (so that a changing
+background load on a shared machine hits them alike); each figure is the median of ``--repeats``.
 
 Usage::
 
@@ -130,15 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         n = len(paths)
         options = dict(image_size=args.image_size, batch_size=args.batch_size)
 
-        single = {
-            threads: statistics.median(single_process(model_dir, paths, threads=threads, **options) for _ in range(args.repeats))
-            for threads in sorted({1, cores})
-        }
-
+        # Interleaved, so that every kind of run sees the same background load on a shared machine.
+        single: dict[int, list[float]] = {t: [] for t in sorted({1, cores})}
         init_s = []
         runs: dict[int, list[dict]] = {1: [], 2: []}
         actor_threads = None
         for repeat in range(args.repeats):
+            single[1].append(single_process(model_dir, paths, threads=1, **options))
             start = time.perf_counter()
             ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
             init_s.append(time.perf_counter() - start)
@@ -152,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
             finally:
                 ray.shutdown()
+            if cores > 1:
+                single[cores].append(single_process(model_dir, paths, threads=cores, **options))
+        single_raw = dict(single)
+        single = {t: statistics.median(v) for t, v in single.items()}
     load_after = os.getloadavg()
 
     def med(workers: int, key: str) -> float:
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             for w in runs
         },
         load_average_before=load_before, load_average_after=load_after,
+        raw=dict(single_process_1_thread_s=single_raw[1], ray_init_s=init_s, ray_runs={w: r for w, r in runs.items()}),
     )
     r1, r2 = result["ray"][1], result["ray"][2]
     result["scaling_efficiency_steady"] = r2["steady_images_per_s"] / (2 * r1["steady_images_per_s"])

@@ -114,7 +114,7 @@ class AnomalyCLIPPredictor:
             ``save_pretrained`` (on a file system every node sees), or a Hub repo id.
         batch_size: images per forward pass (``predict``'s ``batch_size``).
         image_threshold, pixel_threshold, thresholds: as in :meth:`AnomalyCLIP.predict`; a
-            :class:`~anomalyclip.thresholds.Thresholds` or its ``to_dict()`` form. The image
+            :class:`~anomalyclip.Thresholds` or its ``to_dict()`` form. The image
             threshold fills ``label``; the pixel threshold outlines masks on overlays.
         maps: ``"png"`` (16-bit, quantized; default), ``"npy"`` (exact float32) or None (no maps).
             See :mod:`anomalyclip.distributed.maps` for the scale.
@@ -133,8 +133,9 @@ class AnomalyCLIPPredictor:
 
     Each call returns a ``pyarrow.Table`` with :func:`output_schema`. An image that cannot be read
     or scored (missing, truncated, unsupported mode, smaller than a patch) becomes a row with
-    ``error`` set and no score, instead of failing the job; other failures (out of memory, a
-    broken model) raise, so that Ray retries the batch.
+    ``error`` set and no score, instead of failing the job. Other errors (out of memory, a model
+    that cannot load) raise and fail the job, as Ray Data does by default for errors in user
+    code; a batch is retried when its actor dies (``max_task_retries``).
     """
 
     def __init__(

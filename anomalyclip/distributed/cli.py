@@ -57,14 +57,15 @@ def default_workers(ray: Any, *, cpus_per_worker: float, gpus_per_worker: float,
     return max(1, min(fit, n_batches))
 
 
-def _rows(table: Any, threshold: float | None) -> tuple[list[dict], list[dict]]:
+def _rows(table: Any) -> tuple[list[dict], list[dict]]:
     """CSV/JSON rows (the single-process format) and typed Parquet rows, in input order."""
     rows, typed = [], []
-    has_errors = any(e is not None for e in table.column("error").to_pylist())
+    has_errors = table.column("error").null_count < table.num_rows
+    has_labels = table.column("label").null_count < table.num_rows  # when an image threshold applies
     for r in table.to_pylist():
         ok = r["error"] is None
         row: dict[str, Any] = {"image": r["path"], "score": round(r["score"], 6) if ok else None, "overlay": r["overlay"]}
-        if threshold is not None:
+        if has_labels:
             row["label"] = r["label"]
         if has_errors:
             row["error"] = r["error"]
@@ -123,6 +124,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
             num_gpus=gpus,
             image_threshold=args.threshold,
             pixel_threshold=args.pixel_threshold,
+            thresholds=False if args.no_thresholds else None,
             maps=None,
             overlay_dir=out,
             overlay_alpha=args.alpha,
@@ -130,6 +132,9 @@ def predict_with_ray(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             image_size=args.image_size,
             feature_layers=args.feature_layers,
+            dpam_layers=args.dpam_layers,
+            dpam_mode=args.dpam_mode,
+            sigma=args.sigma,
             cache_dir=args.cache_dir,
         )
         try:
@@ -146,7 +151,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
     table = pa.concat_tables(batches).sort_by("index")
     if table.column("index").to_pylist() != list(range(len(images))):
         raise RuntimeError(f"Ray returned {table.num_rows} rows for {len(images)} images (not each exactly once).")
-    rows, typed = _rows(table, args.threshold)
+    rows, typed = _rows(table)
     write_scores(out, rows)
     _write_parquet(out / "scores.parquet", typed)
     seconds = time.perf_counter() - started_at

@@ -113,16 +113,17 @@ class AnomalyCLIPPredictor:
         model: what :meth:`AnomalyCLIP.from_pretrained` loads: a preset, a directory written by
             ``save_pretrained`` (on a file system every node sees), or a Hub repo id.
         batch_size: images per forward pass (``predict``'s ``batch_size``).
-        image_threshold, pixel_threshold, thresholds: as in :meth:`AnomalyCLIP.predict`; a
-            :class:`~anomalyclip.Thresholds` or its ``to_dict()`` form. The image
-            threshold fills ``label``; the pixel threshold outlines masks on overlays.
+        image_threshold, pixel_threshold, thresholds: as in :meth:`AnomalyCLIP.predict`
+            (``thresholds``: a :class:`~anomalyclip.Thresholds` or its ``to_dict()`` form, False to
+            ignore the thresholds saved with the model, None to apply them). The image threshold
+            fills ``label``; the pixel threshold outlines masks on overlays.
         maps: ``"png"`` (16-bit, quantized; default), ``"npy"`` (exact float32) or None (no maps).
             See :mod:`anomalyclip.distributed.maps` for the scale.
         map_dir: write maps as files ``<map_dir>/<index:08d>_<stem>.<png|npy>`` (local directory
             or URI) and return their paths in ``map_path``; None returns them inline in a binary
             column ``map_png`` / ``map_npy``.
-        overlay_dir: write heat-map overlays (as ``anomalyclip predict`` does: jet, colour range 0 to
-            the number of output layers) into this directory or URI, named by the ``overlay``
+        overlay_dir: write heat-map overlays (as ``anomalyclip predict`` does: jet, colour range
+            ``model.map_range``) into this directory or URI, named by the ``overlay``
             column or ``<index:05d>_<stem>_overlay.png``; None writes none.
         overlay_alpha: heat-map opacity of the overlays.
         io_threads: threads per actor that read, decode and encode images (0 = in the caller).
@@ -157,7 +158,9 @@ class AnomalyCLIPPredictor:
         from ..model import AnomalyCLIP
 
         check_predictor_options(batch_size=batch_size, maps=maps, io_threads=io_threads, overlay_alpha=overlay_alpha)
-        self.image_threshold, self.pixel_threshold = _resolve_thresholds(image_threshold, pixel_threshold, thresholds)
+        self.image_threshold, self.pixel_threshold, self.thresholds = _check_thresholds(
+            image_threshold, pixel_threshold, thresholds
+        )
         self.batch_size = batch_size
         self.maps = maps
         self.map_dir = os.fspath(map_dir) if map_dir is not None else None
@@ -177,8 +180,8 @@ class AnomalyCLIPPredictor:
             logger.error("AnomalyCLIPPredictor could not load the model: %s", exc)
             self._load_error = exc
             return
-        #: Top of the map's value range: the number of output layers.
-        self.scale = float(len(self.model.config.feature_layers))
+        #: The maps' value range (0, number of output layers): the overlays' colour range, the PNG scale.
+        self.map_range = self.model.map_range
         logger.info("AnomalyCLIPPredictor ready on pid %d: %s", os.getpid(), self.model.extra_repr())
 
     # ------------------------------------------------------------------ helpers
@@ -205,7 +208,7 @@ class AnomalyCLIPPredictor:
 
     def _score(self, images: list) -> list[tuple[Any, str | None]]:
         """``(AnomalyResult, None)`` or ``(None, reason)`` per image; a bad image fails alone."""
-        options = dict(image_threshold=self.image_threshold, pixel_threshold=self.pixel_threshold)
+        options = dict(image_threshold=self.image_threshold, pixel_threshold=self.pixel_threshold, thresholds=self.thresholds)
         if len(images) > 1:
             try:
                 results = self.model.predict(images, batch_size=self.batch_size, **options)
@@ -241,7 +244,7 @@ class AnomalyCLIPPredictor:
         index, path, image, result, overlay_name = job
         map_value = None
         if self.maps is not None:
-            data = encode_map(result.anomaly_map, self.maps, scale=self.scale)
+            data = encode_map(result.anomaly_map, self.maps, scale=self.map_range[1])
             if self.map_dir is None:
                 map_value = data
             else:
@@ -252,9 +255,8 @@ class AnomalyCLIPPredictor:
             from ..visualize import overlay
 
             name = self._overlay_name(index, path, overlay_name)
-            picture = overlay(
-                image, result.anomaly_map, alpha=self.overlay_alpha, vmin=0.0, vmax=self.scale, mask=result.mask
-            )
+            vmin, vmax = self.map_range
+            picture = overlay(image, result.anomaly_map, alpha=self.overlay_alpha, vmin=vmin, vmax=vmax, mask=result.mask)
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
             self.files.write(self.files.join(self.overlay_dir, name), buffer.getvalue())
@@ -312,27 +314,31 @@ class AnomalyCLIPPredictor:
         return pa.Table.from_pydict(columns, schema=self.schema)
 
 
-def _resolve_thresholds(
-    image_threshold: float | None, pixel_threshold: float | None, thresholds: Any
-) -> tuple[float | None, float | None]:
-    """Explicit thresholds first, then those of a ``Thresholds`` (or its ``to_dict()`` form)."""
-    if thresholds is not None:
+def _check_thresholds(image_threshold: Any, pixel_threshold: Any, thresholds: Any) -> tuple[float | None, float | None, Any]:
+    """Validated ``(image_threshold, pixel_threshold, thresholds)`` for :meth:`AnomalyCLIP.predict`.
+
+    ``thresholds`` may be a ``Thresholds``, its ``to_dict()`` form, ``False`` (ignore the model's
+    own) or None (apply the model's own, if it has some); explicit thresholds take precedence.
+    """
+    if isinstance(thresholds, Mapping):
         from ..eval.thresholds import Thresholds
 
-        if isinstance(thresholds, Mapping):
-            thresholds = Thresholds.from_dict(thresholds)
+        thresholds = Thresholds.from_dict(thresholds)
+    elif thresholds is not None and thresholds is not False:
+        from ..eval.thresholds import Thresholds
+
         if not isinstance(thresholds, Thresholds):
             raise InvalidInputError(
-                f"thresholds must be a Thresholds or a dict {{'image': ..., 'pixel': ...}}, got {type(thresholds).__name__}."
+                "thresholds must be a Thresholds, a dict {'image': ..., 'pixel': ...}, False (ignore the model's) "
+                f"or None, got {type(thresholds).__name__}."
             )
-        image_threshold = thresholds.image if image_threshold is None else image_threshold
-        pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
     for name, value in (("image_threshold", image_threshold), ("pixel_threshold", pixel_threshold)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value)):
             raise InvalidInputError(f"{name} must be a finite number or None, got {value!r}.")
     return (
         float(image_threshold) if image_threshold is not None else None,
         float(pixel_threshold) if pixel_threshold is not None else None,
+        thresholds,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from ..errors import AnomalyCLIPError, InvalidInputError
 from ._deps import require_ray
-from .predictor import AnomalyCLIPPredictor, _resolve_thresholds, check_predictor_options
+from .predictor import AnomalyCLIPPredictor, _check_thresholds, check_predictor_options
 from .sources import list_images
 
 __all__ = ["predict_dataset", "images_dataset", "find_library_error"]
@@ -103,7 +103,8 @@ def predict_dataset(
         concurrency: number of actors (models), or ``(min, max)`` to autoscale.
         num_gpus: GPUs per actor (e.g. 1: one model per GPU); 0 runs on CPUs.
         num_cpus: CPUs per actor (its torch threads and its reading threads share them).
-        image_threshold, pixel_threshold, thresholds: decisions, as in :meth:`AnomalyCLIP.predict`.
+        image_threshold, pixel_threshold, thresholds: decisions, as in :meth:`AnomalyCLIP.predict`
+            (by default the thresholds saved with the model apply; ``thresholds=False`` ignores them).
         maps: ``"png"`` (16-bit, default), ``"npy"`` (float32) or None; never float arrays
             through the object store (see :mod:`anomalyclip.distributed.maps`).
         map_dir: directory or URI for one map file per image (column ``map_path``); None puts
@@ -131,7 +132,7 @@ def predict_dataset(
     """
     ray = require_ray()
     check_predictor_options(batch_size=batch_size, maps=maps, io_threads=io_threads, overlay_alpha=overlay_alpha)
-    _resolve_thresholds(image_threshold, pixel_threshold, thresholds)
+    _check_thresholds(image_threshold, pixel_threshold, thresholds)
     for name, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise InvalidInputError(f"{name} must be a number >= 0 (per actor), got {value!r}.")

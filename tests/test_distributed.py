@@ -206,10 +206,12 @@ def test_import_needs_neither_ray_nor_torch():
 
 def test_missing_ray_names_the_extra(monkeypatch):
     from anomalyclip.distributed import predict_dataset
+    from anomalyclip.errors import MissingDependencyError
 
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(ImportError, match=r'pip install "anomalyclip\[ray\]"'):
+    with pytest.raises(MissingDependencyError, match=r'pip install "anomalyclip\[ray\]"') as info:
         predict_dataset("images/")
+    assert isinstance(info.value, ImportError)
 
 
 def test_ray_flags_need_ray(tmp_path, capsys):

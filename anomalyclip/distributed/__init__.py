@@ -9,8 +9,9 @@
 * ``anomalyclip predict --ray`` is the command-line front end.
 
 Nothing here imports Ray (or torch) until it is used: ``import anomalyclip.distributed`` is
-cheap and works without the extra; calling :func:`predict_dataset` without Ray installed raises an
-``ImportError`` that names the install command. See ``docs/distributed.md``.
+cheap and works without the extra; calling :func:`predict_dataset` without Ray installed raises
+:class:`~anomalyclip.errors.MissingDependencyError` (an ``ImportError``) naming the install
+command. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from ..errors import MissingDependencyError
+
 __all__ = ["INSTALL_HINT", "require_ray", "require_pyarrow"]
 
 #: How to install what :mod:`anomalyclip.distributed` needs.
@@ -11,12 +13,16 @@ INSTALL_HINT = 'pip install "anomalyclip[ray]"'
 
 
 def require_ray() -> ModuleType:
-    """Import and return ``ray`` (with ``ray.data`` loaded), or raise ``ImportError`` naming the extra."""
+    """Import and return ``ray`` (with ``ray.data`` loaded).
+
+    Raises:
+        MissingDependencyError: (an ``ImportError``) Ray Data is missing; the message names the extra.
+    """
     try:
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"anomalyclip.distributed needs Ray Data, which is not installed ({exc}). "
             f"Install it with: {INSTALL_HINT}"
         ) from exc
@@ -24,12 +30,12 @@ def require_ray() -> ModuleType:
 
 
 def require_pyarrow() -> ModuleType:
-    """Import and return ``pyarrow`` (installed with ``ray[data]``), or raise ``ImportError``."""
+    """Import and return ``pyarrow`` (installed with ``ray[data]``), or raise :class:`MissingDependencyError`."""
     try:
         import pyarrow
         import pyarrow.fs  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"anomalyclip.distributed needs pyarrow, which is not installed ({exc}). Install it with: {INSTALL_HINT}"
         ) from exc
     return pyarrow

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInputError
+from ..errors import AnomalyCLIPError, InvalidInputError
 from ._deps import require_pyarrow, require_ray
 
 __all__ = ["predict_with_ray", "start_ray", "default_workers"]
@@ -150,7 +150,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
     pa = require_pyarrow()
     table = pa.concat_tables(batches).sort_by("index")
     if table.column("index").to_pylist() != list(range(len(images))):
-        raise RuntimeError(f"Ray returned {table.num_rows} rows for {len(images)} images (not each exactly once).")
+        raise AnomalyCLIPError(f"Ray returned {table.num_rows} rows for {len(images)} images (not each exactly once).")
     rows, typed = _rows(table)
     write_scores(out, rows)
     _write_parquet(out / "scores.parquet", typed)

@@ -127,7 +127,8 @@ def predict_dataset(
         iterate it; nothing runs until then.
 
     Raises:
-        ImportError: Ray Data is not installed (``pip install "anomalyclip[ray]"``).
+        MissingDependencyError: (an ``ImportError``) Ray Data is not installed
+            (``pip install "anomalyclip[ray]"``).
         InvalidInputError: bad options, a missing input, no images found.
     """
     ray = require_ray()

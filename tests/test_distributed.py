@@ -382,3 +382,15 @@ def test_cli_ray_reports_a_model_the_actors_cannot_load(ray_cluster, tmp_path, c
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("anomalyclip predict:")]
     assert len(ours) == 1  # Ray logs its own lines around it
     assert ours[0].startswith("anomalyclip predict: error: Cannot load 'config.json' of Hub repo 'test-org/not-cached'")
+
+
+def test_predictor_with_references_and_tiles_matches_the_model(saved_model):
+    """Few-shot references and tiling reach each actor's model (checked here, in one process)."""
+    from anomalyclip.distributed import AnomalyCLIPPredictor
+
+    options = dict(tile_size=300, tile_overlap=0.25)
+    predictor = AnomalyCLIPPredictor(saved_model, device="cpu", image_size=S, references=[str(IMAGE_B)], maps=None, **options)
+    row = predictor(_batch([str(IMAGE_A)])).to_pylist()[0]
+    model = AnomalyCLIP.from_pretrained(saved_model, device="cpu", image_size=S)
+    model.add_references([str(IMAGE_B)], **options)
+    assert row["error"] is None and abs(row["score"] - model.predict(str(IMAGE_A), **options).score) <= TOL

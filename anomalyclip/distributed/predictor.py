@@ -34,7 +34,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -129,6 +129,9 @@ class AnomalyCLIPPredictor:
         io_threads: threads per actor that read, decode and encode images (0 = in the caller).
         filesystem: a configured ``pyarrow.fs.FileSystem`` for URIs (see
             :mod:`anomalyclip.distributed.sources`).
+        references: normal reference images (paths or URIs) that each actor adds with
+            :meth:`AnomalyCLIP.add_references` after loading (few-shot); ``coreset`` as there.
+        tile_size, tile_overlap: tiling of large images, as in :meth:`AnomalyCLIP.predict`.
         **from_pretrained_kwargs: any other :meth:`AnomalyCLIP.from_pretrained` option
             (``device``, ``dtype``, ``image_size``, ``feature_layers``, ``revision``, ``cache_dir``...).
 
@@ -153,6 +156,10 @@ class AnomalyCLIPPredictor:
         overlay_alpha: float = 0.5,
         io_threads: int = 4,
         filesystem: Any = None,
+        references: Sequence[str] | None = None,
+        coreset: float | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
         **from_pretrained_kwargs: Any,
     ) -> None:
         from ..model import AnomalyCLIP
@@ -176,6 +183,10 @@ class AnomalyCLIPPredictor:
         self._load_error: AnomalyCLIPError | None = None
         try:
             self.model = AnomalyCLIP.from_pretrained(model, **from_pretrained_kwargs).eval()
+            self.tiling = dict(tile_size=tile_size, tile_overlap=tile_overlap)
+            if references:
+                images = [self._reference(path) for path in references]
+                self.model.add_references(images, batch_size=batch_size, coreset=coreset, **self.tiling)
         except AnomalyCLIPError as exc:
             logger.error("AnomalyCLIPPredictor could not load the model: %s", exc)
             self._load_error = exc
@@ -208,7 +219,9 @@ class AnomalyCLIPPredictor:
 
     def _score(self, images: list) -> list[tuple[Any, str | None]]:
         """``(AnomalyResult, None)`` or ``(None, reason)`` per image; a bad image fails alone."""
-        options = dict(image_threshold=self.image_threshold, pixel_threshold=self.pixel_threshold, thresholds=self.thresholds)
+        options = dict(
+            image_threshold=self.image_threshold, pixel_threshold=self.pixel_threshold, thresholds=self.thresholds, **self.tiling
+        )
         if len(images) > 1:
             try:
                 results = self.model.predict(images, batch_size=self.batch_size, **options)
@@ -222,6 +235,10 @@ class AnomalyCLIPPredictor:
             except AnomalyCLIPError as exc:
                 out.append((None, str(exc)))
         return out
+
+    def _reference(self, path: str):
+        """A reference image: decoded here for a URI, given as a path (read by the model) otherwise."""
+        return _decode_image(self.files.read(path), path) if self.files.is_remote(path) else path
 
     def _map_name(self, index: int | None, path: str) -> str:
         if index is not None:

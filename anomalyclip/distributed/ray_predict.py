@@ -86,6 +86,10 @@ def predict_dataset(
     overlay_alpha: float = 0.5,
     io_threads: int = 4,
     filesystem: Any = None,
+    references: Any = None,
+    coreset: float | None = None,
+    tile_size: int | None = None,
+    tile_overlap: float = 0.25,
     map_batches_options: dict[str, Any] | None = None,
     **from_pretrained_kwargs: Any,
 ):
@@ -113,6 +117,10 @@ def predict_dataset(
         overlay_alpha: heat-map opacity of the overlays.
         io_threads: reading / encoding threads per actor.
         filesystem: a configured ``pyarrow.fs.FileSystem`` for the URIs.
+        references: normal reference images (a path, URI or list; folders searched), listed on the
+            driver and added by each actor after loading (few-shot; :meth:`AnomalyCLIP.add_references`,
+            ``coreset`` as there). A model folder saved with references needs none.
+        tile_size, tile_overlap: tiling of large images, as in :meth:`AnomalyCLIP.predict`.
         map_batches_options: more ``Dataset.map_batches`` options (``accelerator_type``,
             ``resources``, ``memory``, ``runtime_env``...). Ray Data's actor pool restarts an actor
             that dies and retries its batch, without limit, by default.
@@ -168,6 +176,10 @@ def predict_dataset(
         overlay_alpha=overlay_alpha,
         io_threads=io_threads,
         filesystem=filesystem,
+        references=list_images(references, filesystem=filesystem) if references else None,
+        coreset=coreset,
+        tile_size=tile_size,
+        tile_overlap=tile_overlap,
         **from_pretrained_kwargs,
     )
     return ds.map_batches(

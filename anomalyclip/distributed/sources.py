@@ -108,7 +108,7 @@ class FileAccess:
 
         Local sources follow ``anomalyclip predict`` (:func:`anomalyclip.predict_io.images_in`).
         """
-        from ..data.datasets import IMAGE_SUFFIXES
+        from ..files import IMAGE_SUFFIXES
 
         if not self.is_remote(source):
             from ..predict_io import images_in
@@ -132,7 +132,11 @@ class FileAccess:
                 raise
             raise InvalidInputError(f"Cannot list '{source}': {exc}") from exc
         files = sorted(
-            i.path for i in infos if i.type == pafs.FileType.File and os.path.splitext(i.path)[1].lower() in IMAGE_SUFFIXES
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and not i.base_name.startswith(".")
+            and os.path.splitext(i.path)[1].lower() in IMAGE_SUFFIXES
         )
         return [prefix + f for f in files]
 
@@ -146,7 +150,7 @@ def list_images(sources: str | os.PathLike | Sequence[str | os.PathLike], *, fil
     Raises:
         InvalidInputError: a source does not exist, or no image was found.
     """
-    from ..data.datasets import IMAGE_SUFFIXES
+    from ..files import IMAGE_SUFFIXES
 
     items = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     access = FileAccess(filesystem)

@@ -6,17 +6,15 @@ Run ``anomalyclip COMMAND --help`` for the options of each command.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from ._version import __version__
-from .data.datasets import FORMATS, IMAGE_SUFFIXES
-from .errors import AnomalyCLIPError
+from .data.datasets import FORMATS
+from .errors import AnomalyCLIPError, InvalidInputError
+from .predict_io import collect_images
 
 __all__ = ["main", "build_parser"]
 
@@ -84,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile-size", type=int, default=None, help="cut images larger than this many pixels into tiles (docs/tiling.md)"
     )
     p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap fraction of the tiles (default 0.25)")
+    ray = p.add_argument_group("scale-out on a Ray cluster (pip install \"anomalyclip[ray]\")")
+    ray.add_argument("--ray", action="store_true", help="score on Ray actors; also writes scores.parquet")
+    ray.add_argument("--ray-address", default=None, help="cluster to join (default: start a local Ray on this machine)")
+    ray.add_argument("--workers", type=int, default=None, help="model actors (default: fill the cluster)")
+    ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per actor (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per actor, e.g. 1 (default 0)")
     p.set_defaults(handler=_predict)
 
     p = sub.add_parser("evaluate", help="metrics on a benchmark data set, as the paper reports them")
@@ -178,43 +182,18 @@ def _load_model(args: argparse.Namespace):
     )
 
 
-def collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Files as given, and image files found recursively in directories (sorted)."""
-    from .errors import InvalidInputError
-    from .files import find_images
-
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found.extend(find_images(path))
-        elif path.exists():
-            found.append(path)
-        else:
-            raise InvalidInputError(f"No such file or directory: '{path}'.")
-    if not found:
-        raise InvalidInputError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)}).")
-    return found
-
-
-def _overlay_names(paths: Sequence[Path]) -> list[str]:
-    """Overlay file names: ``<stem>_overlay.png``, prefixed by the image's index where stems repeat."""
-    stems = [p.stem for p in paths]
-    repeated = {s for s in stems if stems.count(s) > 1}
-    return [f"{i:05d}_{s}_overlay.png" if s in repeated else f"{s}_overlay.png" for i, s in enumerate(stems)]
-
-
-def _write_text(path: Path, text: str) -> None:
-    from .files import atomic_write
-
-    with atomic_write(path, "w") as handle:
-        handle.write(text)
-
-
 # ----------------------------------------------------------------------------- commands
 def _predict(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .distributed.cli import predict_with_ray
+
+        return predict_with_ray(args)
+    ray_only = ("ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
+    if any(getattr(args, name) is not None for name in ray_only):
+        raise InvalidInputError(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} need --ray.")
     from tqdm.auto import tqdm
 
+    from .predict_io import overlay_names, write_scores
     from .visualize import save_overlay
 
     images = collect_images(args.inputs)
@@ -234,7 +213,7 @@ def _predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     vmin, vmax = model.map_range  # a fixed colour scale: overlays of different images are comparable
     rows = []
-    names = _overlay_names(images)
+    names = overlay_names(images)
     with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
         for start in range(0, len(images), args.batch_size):
             chunk = images[start : start + args.batch_size]
@@ -256,12 +235,7 @@ def _predict(args: argparse.Namespace) -> int:
                     row["label"] = result.label
                 rows.append(row)
             bar.update(len(chunk))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_text(out / "scores.csv", buffer.getvalue())
-    _write_text(out / "scores.json", json.dumps(rows, indent=2) + "\n")
+    write_scores(out, rows)
     logger.info("Wrote %d overlays, scores.csv and scores.json to %s", len(rows), out)
     return 0
 

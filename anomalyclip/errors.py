@@ -16,6 +16,7 @@ __all__ = [
     "DatasetError",
     "TrainingError",
     "ResourceError",
+    "MissingDependencyError",
 ]
 
 
@@ -54,3 +55,8 @@ class TrainingError(AnomalyCLIPError, RuntimeError):
 class ResourceError(AnomalyCLIPError, MemoryError):
     """The work does not fit in the memory of its device (GPU or CPU); the message says what ran
     and how to make it fit (smaller batch_size or image_size, a lower-precision dtype, ...)."""
+
+
+class MissingDependencyError(AnomalyCLIPError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install
+    (e.g. ``pip install "anomalyclip[ray]"``)."""

@@ -122,7 +122,15 @@ _MODEL_LAYER = (
     "anomalyclip.presets",
     "anomalyclip.model",
 )
-_UPPER = ("anomalyclip.train", "anomalyclip.data", "anomalyclip.eval.protocol", "anomalyclip.cli", "anomalyclip.visualize")
+_UPPER = (
+    "anomalyclip.train",
+    "anomalyclip.data",
+    "anomalyclip.eval.protocol",
+    "anomalyclip.cli",
+    "anomalyclip.visualize",
+    "anomalyclip.predict_io",
+    "anomalyclip.distributed",
+)
 
 
 def test_model_layer_does_not_import_upper_layers():

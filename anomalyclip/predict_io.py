@@ -1,0 +1,79 @@
+"""The files of ``anomalyclip predict``: which images it reads, what its overlays are called, and
+``scores.csv`` / ``scores.json``.
+
+Shared by the single-process command and its Ray mode (:mod:`anomalyclip.distributed`), so both
+read the same images in the same order and write the same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping, Sequence
+
+from .errors import InvalidInputError
+from .files import IMAGE_SUFFIXES, atomic_write, find_images
+
+__all__ = ["images_in", "collect_images", "overlay_names", "write_scores"]
+
+
+def images_in(path: str | os.PathLike) -> list[Path]:
+    """``[path]`` for a file; the image files under a directory (recursively, sorted, hidden files
+    skipped: :func:`anomalyclip.files.find_images`); may be empty.
+
+    Raises:
+        InvalidInputError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return find_images(path)
+    if path.exists():
+        return [path]
+    raise InvalidInputError(f"No such file or directory: '{path}'.")
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, and image files found recursively in directories (sorted).
+
+    Raises:
+        InvalidInputError: an input does not exist, or no image was found.
+    """
+    found = [image for item in inputs for image in images_in(item)]
+    if not found:
+        raise InvalidInputError(f"No images found in {[str(i) for i in inputs]} (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    return found
+
+
+def overlay_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Overlay file names: ``<stem>_overlay.png``, prefixed by the image's index where stems repeat.
+
+    ``paths`` may be local paths or URIs (``s3://bucket/a/part.png`` has the stem ``part``).
+    """
+    stems = [PurePosixPath(os.fspath(p).replace("\\", "/")).stem for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    return [f"{i:05d}_{s}_overlay.png" if counts[s] > 1 else f"{s}_overlay.png" for i, s in enumerate(stems)]
+
+
+def write_scores(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
+    """Write ``rows`` (one dict per image, same keys in each) as ``scores.csv`` and ``scores.json``.
+
+    Both files are written atomically. Returns their paths.
+    """
+    if not rows:
+        raise InvalidInputError("write_scores needs at least one row.")
+    out = Path(out_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path, json_path = out / "scores.csv", out / "scores.json"
+    with atomic_write(csv_path, "w") as handle:
+        handle.write(buffer.getvalue())
+    with atomic_write(json_path, "w") as handle:
+        handle.write(json.dumps(list(rows), indent=2) + "\n")
+    return csv_path, json_path

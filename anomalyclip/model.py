@@ -32,7 +32,7 @@ from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
 from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset
 from .prefetch import default_num_workers, prefetch_batches, stack_batch
-from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
+from .preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .files import atomic_path, atomic_write, cache_root
 from .runtime import resolve_device, resolve_dtype
@@ -426,14 +426,7 @@ class AnomalyCLIP(nn.Module):
         return torch.stack([self._preprocess_prepared(p) for p in prepared])
 
     def _prepare(self, image: ImageInput) -> PreparedImage:
-        prepared = prepare_image(image)
-        h, w = prepared.size
-        if min(h, w) < self.patch_size:
-            raise InvalidInputError(
-                f"Image of {w}x{h} px is smaller than one {self.patch_size}x{self.patch_size} patch; "
-                "AnomalyCLIP needs images of at least one patch per side."
-            )
-        return prepared
+        return check_image_size(prepare_image(image), self.patch_size)
 
     def _preprocess_prepared(self, prepared: PreparedImage) -> torch.Tensor:
         return preprocess_image(prepared, self.config.image_size, self.config.mean, self.config.std)

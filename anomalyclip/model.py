@@ -642,6 +642,29 @@ class AnomalyCLIP(nn.Module):
             batches.close()
         return Thresholds.from_normal(scores, maps, quantile=quantile)
 
+    def export_onnx(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_size: int | None = None,
+        feature_layers: Sequence[int] | None = None,
+        dtype: str = "float32",
+        opset: int | None = None,
+        thresholds: Thresholds | None = None,
+    ) -> Path:
+        """Export the model for deployment as ONNX: one file, run by :class:`anomalyclip.onnx.OnnxAnomalyCLIP`
+        with onnxruntime, numpy and Pillow (no torch).
+
+        Input ``pixel_values [B, 3, S, S]`` (float32, dynamic batch), outputs ``scores [B]`` and
+        ``anomaly_maps [B, S, S]`` (blurred, as :meth:`forward`). Every option is documented at
+        :func:`anomalyclip.onnx.export_onnx`. Returns the path written. Needs ``anomalyclip[onnx]``.
+        """
+        from .onnx.export import export_onnx
+
+        return export_onnx(
+            self, path, image_size=image_size, feature_layers=feature_layers, dtype=dtype, opset=opset, thresholds=thresholds
+        )
+
     def finetune(self, data: Any, **options: Any):
         """Learn new prompts on auxiliary data with the paper's glocal training, in place.
 

@@ -1,4 +1,4 @@
-"""The ``anomalyclip`` command line: predict, evaluate, finetune, convert, fetch.
+"""The ``anomalyclip`` command line: predict, evaluate, finetune, convert, fetch, export.
 
 Run ``anomalyclip COMMAND --help`` for the options of each command.
 """
@@ -162,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="install this local copy instead of downloading")
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(handler=_fetch)
+
+    p = sub.add_parser("export", help="export a model for deployment (one ONNX file, run without torch)")
+    p.add_argument("--model", default=None, help="model directory, Hub repo id or preset (default: official-visa)")
+    p.add_argument("--format", required=True, choices=("onnx",), help="export format (onnx)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. anomalyclip.onnx")
+    p.add_argument("--image-size", type=int, default=None, help="processing size S, fixed in the file (default: the model's, 518)")
+    p.add_argument("--feature-layers", type=int, nargs="+", default=None, help="output layers, e.g. 6 12 18 24")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights and compute (default float32; float16 for GPU providers)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--quantize", default=None, choices=("int8",), help="write onnxruntime's dynamic int8 quantization of the float32 export")
+    p.add_argument("--threshold", type=float, default=None, help="image-score threshold stored in the file (labels by default)")
+    p.add_argument("--pixel-threshold", type=float, default=None, help="map threshold stored in the file (masks by default)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
+    p.set_defaults(handler=_export)
     return parser
 
 
@@ -320,6 +334,34 @@ def _fetch(args: argparse.Namespace) -> int:
 
     path = fetch_official_checkpoint(args.preset, source=args.file, cache_dir=args.cache_dir)
     logger.info("Preset %s verified and cached at %s", args.preset, path)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .errors import InvalidInputError
+    from .model import AnomalyCLIP
+    from .eval.thresholds import Thresholds
+
+    if args.quantize and args.dtype != "float32":
+        raise InvalidInputError("--quantize int8 starts from a float32 export; drop --dtype float16.")
+    thresholds = None
+    if args.threshold is not None or args.pixel_threshold is not None:
+        thresholds = Thresholds(image=args.threshold, pixel=args.pixel_threshold)
+    model = AnomalyCLIP.from_pretrained(args.model, device="cpu", cache_dir=args.cache_dir)
+    options = dict(image_size=args.image_size, feature_layers=args.feature_layers, dtype=args.dtype, opset=args.opset, thresholds=thresholds)
+    out = Path(args.out)
+    if args.quantize:
+        from .onnx.quantize import quantize_int8
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".anomalyclip-export-", dir=out.parent) as tmp:
+            float_file = model.export_onnx(Path(tmp) / "float32.onnx", **options)
+            quantize_int8(float_file, out)
+    else:
+        model.export_onnx(out, **options)
+    logger.info("Wrote %s; run it with anomalyclip.onnx.OnnxAnomalyCLIP(%r).predict(images)", out, str(out))
     return 0
 
 

@@ -38,7 +38,7 @@ from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
 from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset, git_blob_sha1
 from .prefetch import default_num_workers, prefetch_batches, stack_batch
-from .preprocessing import ImageInput, PreparedImage, prepare_image, preprocess_image
+from .preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .files import atomic_path, atomic_write, cache_root, find_images
 from .references import (
@@ -646,14 +646,7 @@ class AnomalyCLIP(nn.Module):
         return torch.stack([self._preprocess_prepared(p) for p in prepared])
 
     def _prepare(self, image: ImageInput) -> PreparedImage:
-        prepared = prepare_image(image)
-        h, w = prepared.size
-        if min(h, w) < self.patch_size:
-            raise InvalidInputError(
-                f"Image of {w}x{h} px is smaller than one {self.patch_size}x{self.patch_size} patch; "
-                "AnomalyCLIP needs images of at least one patch per side."
-            )
-        return prepared
+        return check_image_size(prepare_image(image), self.patch_size)
 
     def _preprocess_prepared(self, prepared: PreparedImage) -> torch.Tensor:
         return preprocess_image(prepared, self.config.image_size, self.config.mean, self.config.std)
@@ -1156,6 +1149,29 @@ class AnomalyCLIP(nn.Module):
         thresholds = Thresholds.from_normal(scores, maps, quantile=quantile)
         self.thresholds = thresholds
         return thresholds
+
+    def export_onnx(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_size: int | None = None,
+        feature_layers: Sequence[int] | None = None,
+        dtype: str = "float32",
+        opset: int | None = None,
+        thresholds: Thresholds | None = None,
+    ) -> Path:
+        """Export the model for deployment as ONNX: one file, run by :class:`anomalyclip.onnx.OnnxAnomalyCLIP`
+        with onnxruntime, numpy and Pillow (no torch).
+
+        Input ``pixel_values [B, 3, S, S]`` (float32, dynamic batch), outputs ``scores [B]`` and
+        ``anomaly_maps [B, S, S]`` (blurred, as :meth:`forward`). Every option is documented at
+        :func:`anomalyclip.onnx.export_onnx`. Returns the path written. Needs ``anomalyclip[onnx]``.
+        """
+        from .onnx.export import export_onnx
+
+        return export_onnx(
+            self, path, image_size=image_size, feature_layers=feature_layers, dtype=dtype, opset=opset, thresholds=thresholds
+        )
 
     def finetune(self, data: Any, **options: Any):
         """Learn new prompts on auxiliary data with the paper's glocal training, in place.

@@ -1,6 +1,9 @@
 """Result types: the tensor output of ``model(pixel_values)`` and the friendly ``predict`` result.
 
-This module imports no torch (``AnomalyResult`` is plain numpy), so torch-free runtimes share it.
+This module imports no torch (``AnomalyResult`` is plain numpy), so torch-free runtimes share it:
+the ONNX runtime (:mod:`anomalyclip.onnx`) builds its results with :meth:`AnomalyResult.from_map`,
+whose :func:`resize_map` is the numpy twin of the ``F.interpolate`` call in ``AnomalyCLIP.predict``
+(which stays on the model's device).
 """
 
 from __future__ import annotations
@@ -15,7 +18,48 @@ from .errors import InvalidInputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AnomalyOutput", "AnomalyResult"]
+__all__ = ["AnomalyOutput", "AnomalyResult", "resize_map"]
+
+
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of 1-D linear resampling, half-pixel centres (``align_corners=False``).
+
+    Returns ``(i0, i1, w1)``: output ``j`` is ``(1 - w1[j]) * x[i0[j]] + w1[j] * x[i1[j]]``, as in
+    PyTorch's CPU ``upsample_bilinear2d``: source coordinate ``scale * (j + 0.5) - 0.5`` with the
+    float32 ``scale = in / out``, rounded once to float32 (a fused multiply-add; the float64
+    product is exact), clamped at 0.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.float64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    return i0, i1, w1
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize a float ``[h, w]`` map to ``size = (H, W)``: float32 ``[H, W]``.
+
+    The sampling of ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``
+    without antialiasing, in numpy; the two agree to float32 rounding (< 1e-6 on anomaly maps).
+    """
+    m = np.asarray(anomaly_map, dtype=np.float32)
+    if m.ndim != 2:
+        raise InvalidInputError(f"resize_map: expected a map of shape [h, w], got {tuple(m.shape)}.")
+    out_h, out_w = int(size[0]), int(size[1])
+    if (out_h, out_w) == m.shape:
+        return m.copy()
+    r0, r1, rw = _linear_taps(m.shape[0], out_h)
+    c0, c1, cw = _linear_taps(m.shape[1], out_w)
+    # Columns first, on the small map; then whole rows of that are gathered (contiguous copies).
+    cols = np.take(m, c0, axis=1)
+    cols *= np.float32(1.0) - cw
+    cols += np.take(m, c1, axis=1) * cw  # [h, W]
+    out = np.take(cols, r0, axis=0)
+    out *= (np.float32(1.0) - rw)[:, None]
+    out += np.take(cols, r1, axis=0) * rw[:, None]  # [H, W]
+    return out
 
 
 @dataclass
@@ -83,6 +127,35 @@ class AnomalyResult:
                 f"AnomalyResult.anomaly_map: expected a numpy array of shape [H, W], got "
                 f"{type(self.anomaly_map).__name__} of shape {tuple(shape) if shape is not None else '?'}."
             )
+
+    @classmethod
+    def from_map(
+        cls,
+        score: float,
+        anomaly_map: np.ndarray,
+        size: tuple[int, int],
+        *,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        path: str | None = None,
+    ) -> "AnomalyResult":
+        """The result of one image from its score and its map at the processing size S.
+
+        Args:
+            score: the image score.
+            anomaly_map: float ``[S, S]`` map (numpy).
+            size: the image's original ``(height, width)``; the map is resized to it with
+                :func:`resize_map` (bilinear, as ``F.interpolate(..., align_corners=False)``).
+            image_threshold, pixel_threshold: optional decision thresholds.
+            path: the image's file path, if it was given as one.
+        """
+        return cls(
+            score=float(score),
+            anomaly_map=resize_map(anomaly_map, size),
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
+            path=path,
+        )
 
     @property
     def label(self) -> int | None:

@@ -32,6 +32,7 @@ __all__ = [
     "PreparedImage",
     "load_image",
     "prepare_image",
+    "check_image_size",
     "preprocess_array",
     "preprocess_image",
     "preprocess_images",
@@ -208,6 +209,17 @@ def _to_rgb_float(prepared: PreparedImage, size: int) -> np.ndarray:
         if rgb.shape[2] == 1:
             rgb = np.repeat(rgb, 3, axis=2)
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def check_image_size(prepared: PreparedImage, patch_size: int) -> PreparedImage:
+    """Raise :class:`InvalidInputError` if the image is smaller than one patch on a side; else return it."""
+    h, w = prepared.size
+    if min(h, w) < patch_size:
+        raise InvalidInputError(
+            f"Image of {w}x{h} px is smaller than one {patch_size}x{patch_size} patch; "
+            "AnomalyCLIP needs images of at least one patch per side."
+        )
+    return prepared
 
 
 def preprocess_array(

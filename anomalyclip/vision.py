@@ -265,6 +265,7 @@ def encode_image(
     feature_layers: tuple[int, ...],
     dpam_layers: int,
     dpam_mode: str = "vv",
+    traceable: bool = False,
 ) -> VisionFeatures:
     """Run the DPAM vision forward of an open_clip ``VisionTransformer``.
 
@@ -274,6 +275,10 @@ def encode_image(
         feature_layers: 1-based blocks whose patch features are returned.
         dpam_layers: number of final blocks with DPAM.
         dpam_mode: ``"vv"``, ``"qq"`` or ``"kk"``.
+        traceable: for ``torch.jit.trace`` / ``torch.onnx.export``: the whole batch in one pass
+            (a micro-batch loop would be recorded for the traced batch size only), no in-place
+            updates and the plain block functions (not those of :func:`compile_blocks`). The
+            same arithmetic; results agree with the default path to rounding.
 
     On the CPU, a batch runs in micro-batches of :data:`CPU_TOKENS_PER_CHUNK` tokens (one image
     at 518 px): each matrix product still has over a thousand rows (full GEMM speed), and the
@@ -281,6 +286,9 @@ def encode_image(
     faulting in fresh pages for every intermediate (at batch 8 that costs several percent).
     The results are the same as for the whole batch at once.
     """
+    if traceable:
+        blocks = (_standard_block, _dpam_block)
+        return _encode_image(visual, pixel_values, feature_layers, dpam_layers, dpam_mode, False, blocks)
     # Fresh intermediates are reused in place only when nothing needs gradients.
     fast = not torch.is_grad_enabled() or not (
         pixel_values.requires_grad or any(p.requires_grad for p in visual.parameters())
@@ -310,13 +318,14 @@ def _encode_image(
     dpam_layers: int,
     dpam_mode: str,
     fast: bool,
+    block_functions: tuple[Callable, Callable] | None = None,
 ) -> VisionFeatures:
     blocks = visual.transformer.resblocks
     depth = len(blocks)
     first_dpam = depth - dpam_layers + 1  # 1-based; depth + 1 means no DPAM
     wanted = set(feature_layers)
     proj, ln_post = visual.proj, visual.ln_post
-    standard, dpam = _block_functions(visual)
+    standard, dpam = block_functions or _block_functions(visual)
 
     h = embed_patches(visual, pixel_values)
     z: torch.Tensor | None = None

@@ -1,0 +1,325 @@
+"""Export an :class:`~anomalyclip.AnomalyCLIP` model to one ONNX file (the torch side of deployment).
+
+The exported graph is :class:`DeployedAnomalyCLIP`: the model's own DPAM vision forward
+(:func:`anomalyclip.vision.encode_image`) and scoring (:func:`anomalyclip.scoring.image_scores`,
+:func:`anomalyclip.scoring.anomaly_maps`, blur included), with the text features, which are
+fixed at inference, as a constant. It is captured with PyTorch's ``torch.export``-based ONNX
+exporter (``torch.onnx.export(..., dynamo=True)``) with a dynamic batch axis; the processing
+size S is fixed per export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..errors import InvalidInputError
+from ..scoring import anomaly_maps, image_scores
+from ..ops import get_cpu_low_precision_matmul, set_cpu_low_precision_matmul
+from ..vision import encode_image
+from .metadata import EXPORT_DTYPES, INPUT_NAME, OUTPUT_NAMES, OnnxMetadata
+
+__all__ = ["DeployedAnomalyCLIP", "export_onnx", "DEFAULT_OPSET", "MIN_OPSET"]
+
+logger = logging.getLogger(__name__)
+
+#: ONNX opset of an export unless asked otherwise (onnxruntime >= 1.14 runs it).
+DEFAULT_OPSET = 18
+#: The lowest opset the exporter writes (``LayerNormalization`` needs 17; PyTorch's exporter 18).
+MIN_OPSET = 18
+#: Initializers above this many bytes go to an external data file next to the model: a single
+#: protobuf file cannot exceed 2 GiB (the graph itself needs a little room too).
+MAX_INLINE_BYTES = 2**31 - 2**26
+
+
+class DeployedAnomalyCLIP(nn.Module):
+    """The inference graph that is exported: ``pixel_values [B, 3, S, S] -> (scores [B], anomaly_maps [B, S, S])``.
+
+    The same computation as :meth:`AnomalyCLIP.forward <anomalyclip.AnomalyCLIP.forward>` (the
+    same functions, called the same way), with the text features, fixed at inference, held as a
+    constant buffer. ``encode_image(..., traceable=True)`` runs the batch in one pass without
+    in-place updates, so the graph is valid for any batch size.
+
+    Few-shot references (patch features of normal images, compared with the test image's patch
+    features) fit here the same way as the text features: as buffers of this module, combined
+    with the zero-shot score and map in :meth:`forward` by the same functions the torch model
+    uses (their nearest-neighbour search in one block, as a trace needs), and counted in the
+    file's metadata (``OnnxMetadata.references``). Until then :func:`export_onnx` refuses a
+    model with references rather than exporting its zero-shot part alone.
+
+    Args:
+        visual: the CLIP vision tower (``clip.visual``), in the export dtype.
+        text_features: ``[2, D]`` normalized text features (normal, anomalous).
+        image_size: processing size S.
+        feature_layers, dpam_layers, dpam_mode, temperature, sigma: as in :class:`~anomalyclip.AnomalyCLIPConfig`.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        text_features: torch.Tensor,
+        *,
+        image_size: int,
+        feature_layers: Sequence[int],
+        dpam_layers: int,
+        dpam_mode: str,
+        temperature: float,
+        sigma: float,
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("text_features", text_features.detach().float().clone())
+        self.image_size = int(image_size)
+        self.feature_layers = tuple(int(x) for x in feature_layers)
+        self.dpam_layers = int(dpam_layers)
+        self.dpam_mode = dpam_mode
+        self.temperature = float(temperature)
+        self.sigma = float(sigma)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = encode_image(
+            self.visual,
+            pixel_values,
+            feature_layers=self.feature_layers,
+            dpam_layers=self.dpam_layers,
+            dpam_mode=self.dpam_mode,
+            traceable=True,
+        )
+        scores = image_scores(features.image_features, self.text_features, self.temperature)
+        _, maps = anomaly_maps(
+            features.patch_features,
+            self.text_features,
+            temperature=self.temperature,
+            image_size=self.image_size,
+            sigma=self.sigma,
+        )
+        return scores, maps
+
+
+def _check_export_dependencies() -> None:
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {', '.join(missing)}: pip install \"anomalyclip[onnx]\" (onnx, onnxruntime, onnxscript)."
+        )
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+    if version < (2, 6):
+        raise ImportError(f"ONNX export needs torch >= 2.6 (its torch.export-based exporter); this is torch {torch.__version__}.")
+
+
+def _export_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
+    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    name = names.get(dtype, dtype) if isinstance(dtype, torch.dtype) else str(dtype).lower()
+    name = {"fp32": "float32", "fp16": "float16", "half": "float16"}.get(name, name)
+    if name not in EXPORT_DTYPES:
+        raise InvalidInputError(
+            f"Cannot export dtype {dtype!r} to ONNX; use 'float32' (any onnxruntime provider) or 'float16' "
+            "(for GPU providers such as CUDA or TensorRT). bfloat16 has too few onnxruntime kernels to deploy."
+        )
+    return name, {"float32": torch.float32, "float16": torch.float16}[name]
+
+
+def _check_opset(opset: int | None) -> int:
+    if opset is None:
+        return DEFAULT_OPSET
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise InvalidInputError(
+            f"opset must be an int from {MIN_OPSET} to {newest} (the newest this onnx package knows), got {opset!r}; "
+            f"leave it unset for {DEFAULT_OPSET}."
+        )
+    return opset
+
+
+def _threshold_values(thresholds: Any) -> tuple[float | None, float | None]:
+    """``(image, pixel)`` from a :class:`~anomalyclip.thresholds.Thresholds` (or anything with those attributes)."""
+    if thresholds is None:
+        return None, None
+    if not (hasattr(thresholds, "image") and hasattr(thresholds, "pixel")):
+        raise InvalidInputError(
+            f"thresholds must be an anomalyclip Thresholds (e.g. from model.calibrate), got {type(thresholds).__name__}."
+        )
+    values = []
+    for name in ("image", "pixel"):
+        value = getattr(thresholds, name)
+        if value is not None:
+            value = float(value)
+            if not math.isfinite(value):
+                raise InvalidInputError(f"thresholds.{name} must be finite, got {value!r}.")
+        values.append(value)
+    return values[0], values[1]
+
+
+@contextlib.contextmanager
+def _native_low_precision() -> Iterator[None]:
+    """Export float16 matrix products as float16 (not the CPU's float32 fallback of :mod:`anomalyclip.vision`)."""
+    previous = get_cpu_low_precision_matmul()
+    set_cpu_low_precision_matmul("native")
+    try:
+        yield
+    finally:
+        set_cpu_low_precision_matmul(previous)
+
+
+def _initializer_bytes(model: Any) -> int:
+    """Total size of an ``onnx_ir`` model's initializers."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    feature_layers: Sequence[int] | None = None,
+    dtype: str | torch.dtype = "float32",
+    opset: int | None = None,
+    thresholds: Any = None,
+) -> Path:
+    """Write ``model`` as one ONNX file for :class:`~anomalyclip.onnx.OnnxAnomalyCLIP` (or any onnxruntime).
+
+    The graph: input ``pixel_values`` float32 ``[B, 3, S, S]`` (dynamic batch B, normalized as
+    :meth:`AnomalyCLIP.preprocess <anomalyclip.AnomalyCLIP.preprocess>` does), outputs ``scores``
+    float32 ``[B]`` and ``anomaly_maps`` float32 ``[B, S, S]`` (blurred; the same values as
+    ``model(pixel_values)``). The text features and the Gaussian blur are in the graph; the
+    metadata (:class:`~anomalyclip.onnx.OnnxMetadata`) holds S, mean/std, the output layers,
+    the thresholds when given and the library version. Weights go to ``<path>.data`` only when
+    they exceed the 2 GiB protobuf limit (never for ViT-L/14 in float32, 1.2 GB).
+
+    The model itself is not changed. The file is written to a temporary name and renamed.
+
+    Args:
+        model: the :class:`~anomalyclip.AnomalyCLIP` to export (this module does not import
+            the model module: the model calls up into deployment, never the other way).
+        path: the ``.onnx`` file to write.
+        image_size: processing size S of the export (default: the model's); fixed in the file.
+        feature_layers: output layers (default: the model's).
+        dtype: ``"float32"`` (default; runs on every onnxruntime provider) or ``"float16"``
+            (weights and vision compute in float16, for GPU providers; inputs and outputs stay
+            float32, the scoring runs in float32 as in the torch model).
+        opset: ONNX opset, :data:`MIN_OPSET` or newer (default :data:`DEFAULT_OPSET`).
+        thresholds: a :class:`~anomalyclip.thresholds.Thresholds` to store; the runtime then
+            labels and masks by default.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        InvalidInputError: an unsupported dtype or opset, an image size that is not a multiple
+            of the patch size, output layers out of range.
+        ImportError: onnx / onnxscript are not installed (``pip install "anomalyclip[onnx]"``).
+    """
+    _check_export_dependencies()
+    if getattr(model, "num_references", 0):
+        # Exporting only the zero-shot part of a few-shot model would be a silent wrong answer.
+        raise InvalidInputError(
+            f"This model has {model.num_references} few-shot reference images; their export to ONNX is not "
+            "supported yet. Export the zero-shot model (model.clear_references() first) or run the torch model."
+        )
+    dtype_name, torch_dtype = _export_dtype(dtype)
+    opset = _check_opset(opset)
+    image_threshold, pixel_threshold = _threshold_values(thresholds)
+    config = model.config.replace(
+        image_size=image_size, feature_layers=tuple(feature_layers) if feature_layers is not None else None
+    )
+    patch = model.patch_size
+    if config.image_size % patch:
+        raise InvalidInputError(
+            f"image_size={config.image_size} is not a multiple of the patch size {patch} "
+            f"(e.g. {max(1, round(config.image_size / patch)) * patch})."
+        )
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"'{path}' is a directory; pass the .onnx file to write, e.g. {path / 'anomalyclip.onnx'}.")
+
+    with torch.no_grad():
+        text_features = model.encode_text().detach().float().cpu()
+    visual = model.clip.visual
+    if model.device.type != "cpu" or model.dtype != torch_dtype:
+        visual = copy.deepcopy(visual).to(device="cpu", dtype=torch_dtype)  # the model itself stays as it is
+    deployed = DeployedAnomalyCLIP(
+        visual,
+        text_features,
+        image_size=config.image_size,
+        feature_layers=config.feature_layers,
+        dpam_layers=config.dpam_layers,
+        dpam_mode=config.dpam_mode,
+        temperature=config.temperature,
+        sigma=config.sigma,
+    ).eval()
+    # Batch 2: an example batch of 1 would let torch.export specialize the batch axis to 1.
+    example = torch.zeros(2, 3, config.image_size, config.image_size)
+    batch = torch.export.Dim("batch", min=1)
+    logger.info("Exporting %s at %d px (%s, opset %d)...", config.backbone, config.image_size, dtype_name, opset)
+    with torch.no_grad(), _native_low_precision():
+        program = torch.onnx.export(
+            deployed,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    metadata = OnnxMetadata(
+        image_size=config.image_size,
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        feature_layers=tuple(config.feature_layers),
+        patch_size=patch,
+        dtype=dtype_name,
+        library_version=__version__,
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        model={
+            "backbone": config.backbone,
+            "dpam_layers": config.dpam_layers,
+            "dpam_mode": config.dpam_mode,
+            "sigma": config.sigma,
+            "temperature": config.temperature,
+        },
+    )
+    program.model.metadata_props.update(metadata.to_props())
+    program.model.producer_name = "anomalyclip"
+    program.model.producer_version = __version__
+    external = _initializer_bytes(program.model) > MAX_INLINE_BYTES
+    _save_atomically(program, path, external)
+    logger.info("Wrote %s (%.1f MB%s)", path, path.stat().st_size / 1e6, ", weights in " + path.name + ".data" if external else "")
+    return path
+
+
+def _save_atomically(program: Any, path: Path, external: bool) -> None:
+    """Save an ``ONNXProgram`` to ``path`` (and ``path.data`` if ``external``) via a temporary directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        program.save(tmp_dir / path.name, external_data=external)
+        if external:
+            os.replace(tmp_dir / data.name, data)
+        os.replace(tmp_dir / path.name, path)
+        if not external and data.exists():
+            data.unlink()  # an earlier export's weights, now in the file itself
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

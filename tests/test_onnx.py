@@ -1,0 +1,436 @@
+"""ONNX deployment: export (torch side) and OnnxAnomalyCLIP (onnxruntime, no torch).
+
+References: the torch model's own outputs (``model(pixel_values)``, ``model.predict``) and, at
+518 px, the official implementation's golden outputs. Tolerances from the issue: scores 1e-4,
+maps 1e-3. Each export of the tiny golden CLIP takes seconds, so exports are made once per
+configuration and shared (``exported``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+from anomalyclip import AnomalyCLIP  # noqa: E402
+from anomalyclip.cli import main  # noqa: E402
+from anomalyclip.errors import CheckpointError, InvalidInputError, WeightsNotFoundError  # noqa: E402
+from anomalyclip.onnx import OnnxAnomalyCLIP, export_onnx, quantize_int8  # noqa: E402
+from anomalyclip.onnx import export as export_module  # noqa: E402
+from anomalyclip.onnx.metadata import FORMAT_KEY, FORMAT_VERSION  # noqa: E402
+from anomalyclip.eval.thresholds import Thresholds  # noqa: E402
+
+from .conftest import IMAGE_A, IMAGE_B, OFFICIAL_PTH, TINY_CLIP_REF  # noqa: E402
+
+LAYERS = {"top": (24,), "multi": (6, 12, 18, 24)}
+SIZES = (224, 518)
+BATCH_3 = [IMAGE_A, IMAGE_B, IMAGE_A]
+
+
+def _repo_env() -> dict[str, str]:
+    """The environment of a child Python that imports this checkout's anomalyclip."""
+    import anomalyclip
+
+    root = str(Path(anomalyclip.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def _max_abs(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())
+
+
+@pytest.fixture(scope="module")
+def model() -> AnomalyCLIP:
+    """A private golden model (reconfigured per test for the torch reference)."""
+    return AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=TINY_CLIP_REF, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """``exported(size, variant, **options)`` -> path of an export of the golden model, made once."""
+    root = tmp_path_factory.mktemp("onnx")
+    cache: dict = {}
+
+    def get(size: int, variant: str, **options) -> Path:
+        key = (size, variant, tuple(sorted(options.items())))
+        if key not in cache:
+            path = root / f"golden-{size}-{variant}-{len(cache)}.onnx"
+            cache[key] = model.export_onnx(path, image_size=size, feature_layers=LAYERS[variant], **options)
+        return cache[key]
+
+    return get
+
+
+def _torch_reference(model: AnomalyCLIP, size: int, variant: str, images) -> tuple[torch.Tensor, object]:
+    model.reconfigure(image_size=size, feature_layers=LAYERS[variant])
+    try:
+        pixel_values = model.preprocess(images)
+        with torch.inference_mode():
+            out = model(pixel_values)
+        results = model.predict(images)
+    finally:
+        model.reconfigure(image_size=518, feature_layers=(24,))
+    return pixel_values, out, results
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("variant", list(LAYERS))
+@pytest.mark.parametrize("size", SIZES)
+def test_onnxruntime_matches_torch(model, exported, size, variant):
+    path = exported(size, variant)
+    runtime = OnnxAnomalyCLIP(path)
+    pixel_values, out, torch_results = _torch_reference(model, size, variant, BATCH_3)
+
+    # The same preprocessing, literally: equal arrays.
+    assert np.array_equal(runtime.preprocess(BATCH_3), pixel_values.numpy())
+    # Batch 3 and batch 1 through the same file.
+    scores, maps = runtime.run(pixel_values.numpy())
+    assert scores.shape == (3,) and maps.shape == (3, size, size) and maps.dtype == np.float32
+    assert _max_abs(scores, out.scores) <= 1e-4
+    assert _max_abs(maps, out.anomaly_maps) <= 1e-3
+    one_score, one_map = runtime.run(pixel_values[1:2].numpy())
+    assert _max_abs(one_score, out.scores[1:2]) <= 1e-4
+    assert _max_abs(one_map, out.anomaly_maps[1:2]) <= 1e-3
+    # predict: AnomalyResults at the original sizes, as the torch model's.
+    results = runtime.predict(BATCH_3, batch_size=2)
+    for ours, theirs in zip(results, torch_results):
+        assert ours.anomaly_map.shape == theirs.anomaly_map.shape
+        assert abs(ours.score - theirs.score) <= 1e-4
+        assert _max_abs(ours.anomaly_map, theirs.anomaly_map) <= 1e-3
+    assert results[0].anomaly_map.shape == (300, 400) and results[1].anomaly_map.shape == (256, 256)
+
+
+@pytest.mark.parametrize("variant", list(LAYERS))
+def test_onnxruntime_matches_the_official_golden_outputs(exported, golden, variant):
+    """At 518 px the export reproduces the official implementation's own outputs."""
+    runtime = OnnxAnomalyCLIP(exported(518, variant))
+    scores, maps = runtime.run(runtime.preprocess([IMAGE_A, IMAGE_B]))
+    for i, name in enumerate("ab"):
+        assert abs(float(scores[i]) - float(golden[f"{name}.{variant}.score"])) <= 1e-4
+        assert _max_abs(maps[i], golden[f"{name}.{variant}.anomaly_map"][0]) <= 1e-3
+
+
+def test_export_leaves_the_model_unchanged(model, exported):
+    before = (model.config.image_size, model.config.feature_layers, model.dtype, model.device)
+    exported(224, "top")
+    assert (model.config.image_size, model.config.feature_layers, model.dtype, model.device) == before
+
+
+def test_file_layout_and_metadata(exported):
+    path = exported(224, "multi")
+    proto = onnx.load(str(path))
+    props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert props[FORMAT_KEY] == FORMAT_VERSION
+    assert props["anomalyclip.image_size"] == 224
+    assert props["anomalyclip.feature_layers"] == [6, 12, 18, 24]
+    assert props["anomalyclip.patch_size"] == 14 and props["anomalyclip.dtype"] == "float32"
+    assert len(props["anomalyclip.mean"]) == 3 and len(props["anomalyclip.std"]) == 3
+    assert "anomalyclip.image_threshold" not in props  # none set
+    import anomalyclip
+
+    assert props["anomalyclip.library_version"] == anomalyclip.__version__
+    # One input with a dynamic batch axis, two outputs; everything in the one file.
+    (inp,) = proto.graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert inp.name == "pixel_values" and dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 224, 224]
+    assert [o.name for o in proto.graph.output] == ["scores", "anomaly_maps"]
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert not path.with_name(path.name + ".data").exists()
+    # The text features are a constant of the graph: nothing text-related is an input.
+    assert len(proto.graph.input) == 1
+
+
+class _FakeProgram:
+    """Stands in for torch's ONNXProgram in the file-handling tests: writes marker files."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def save(self, destination, *, external_data: bool) -> None:
+        destination = Path(destination)
+        destination.write_text("model")
+        if external_data:
+            destination.with_name(destination.name + ".data").write_text("weights")
+        if self.fail:
+            raise RuntimeError("disk full")
+
+
+def test_save_is_atomic_and_removes_stale_weights(tmp_path):
+    path = tmp_path / "m.onnx"
+    export_module._save_atomically(_FakeProgram(), path, external=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    export_module._save_atomically(_FakeProgram(), path, external=False)  # now small enough for one file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_module._save_atomically(_FakeProgram(fail=True), path, external=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # the old file, untouched; no leftovers
+    assert path.read_text() == "model"
+
+
+def test_float16_export(model, exported):
+    path = exported(224, "top", dtype="float16")
+    runtime = OnnxAnomalyCLIP(path)
+    assert runtime.metadata.dtype == "float16"
+    weights = [t for t in onnx.load(str(path)).graph.initializer if t.dims and np.prod(t.dims) >= 128 * 128]
+    assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
+    _, out, _ = _torch_reference(model, 224, "top", [IMAGE_A, IMAGE_B])
+    scores, maps = runtime.run(runtime.preprocess([IMAGE_A, IMAGE_B]))  # float32 in, float32 out
+    assert scores.dtype == np.float32 and maps.dtype == np.float32
+    # float16 weights and activations: close to float32, not equal.
+    assert _max_abs(scores, out.scores) < 5e-3
+    assert _max_abs(maps, out.anomaly_maps) < 5e-2
+
+
+def test_int8_quantization_runs_and_stays_close(exported, tmp_path):
+    """A loose check; the measured deviation is in docs/benchmarks.md (benchmarks/bench_onnx.py)."""
+    source = exported(224, "top")
+    path = quantize_int8(source, tmp_path / "int8.onnx")
+    assert path.stat().st_size < source.stat().st_size / 2
+    runtime, reference = OnnxAnomalyCLIP(path), OnnxAnomalyCLIP(source)
+    assert runtime.metadata.quantization == "int8-dynamic"
+    assert runtime.metadata.image_size == 224 and runtime.metadata.feature_layers == (24,)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    pixel_values = reference.preprocess([IMAGE_A, IMAGE_B])
+    (s8, m8), (s32, m32) = runtime.run(pixel_values), reference.run(pixel_values)
+    assert 0 < _max_abs(s8, s32) < 0.05
+    assert _max_abs(m8, m32) < 0.25
+    with pytest.raises(CheckpointError, match="already quantized"):
+        quantize_int8(path, tmp_path / "twice.onnx")
+
+
+# ----------------------------------------------------------------------------- torch-free runtime
+
+_TORCH_FREE_SCRIPT = """
+import sys
+sys.modules["torch"] = None        # any `import torch` now raises ImportError
+sys.modules["open_clip"] = None
+import numpy as np
+from anomalyclip.onnx import OnnxAnomalyCLIP
+model = OnnxAnomalyCLIP(sys.argv[1])
+results = model.predict([sys.argv[2], sys.argv[3]], image_threshold=0.5, pixel_threshold=0.9)
+np.savez(sys.argv[4], scores=np.array([r.score for r in results]), map_a=results[0].anomaly_map,
+         map_b=results[1].anomaly_map, labels=np.array([r.label for r in results]), mask_a=results[0].mask)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "open_clip") and sys.modules[name] is not None)
+assert not loaded, loaded
+print("ok")
+"""
+
+
+def test_runtime_runs_with_torch_blocked(model, exported, tmp_path):
+    path = exported(224, "multi")
+    out = tmp_path / "results.npz"
+    proc = subprocess.run(
+        [sys.executable, "-c", _TORCH_FREE_SCRIPT, str(path), str(IMAGE_A), str(IMAGE_B), str(out)],
+        capture_output=True,
+        text=True,
+        env=_repo_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+    got = np.load(out)
+    _, _, torch_results = _torch_reference(model, 224, "multi", [IMAGE_A, IMAGE_B])
+    assert _max_abs(got["scores"], [r.score for r in torch_results]) <= 1e-4
+    assert _max_abs(got["map_a"], torch_results[0].anomaly_map) <= 1e-3
+    assert _max_abs(got["map_b"], torch_results[1].anomaly_map) <= 1e-3
+    assert list(got["labels"]) == [int(r.score > 0.5) for r in torch_results]
+    assert np.array_equal(got["mask_a"], got["map_a"] > 0.9)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_end_to_end(tmp_path, exported, monkeypatch):
+    """``anomalyclip export`` -> OnnxAnomalyCLIP, the same graph as the Python API's export.
+
+    The weight limit of a single file is lowered here so that this export also exercises the
+    external-data layout (``<file>.data`` next to it), which real models reach only past 2 GiB.
+    """
+    saved = tmp_path / "model"
+    assert main(["-q", "convert", str(OFFICIAL_PTH), str(saved), "--clip", TINY_CLIP_REF]) == 0
+    monkeypatch.setattr(export_module, "MAX_INLINE_BYTES", 1024)
+    out = tmp_path / "deploy" / "anomalyclip.onnx"
+    args = ["-q", "export", "--model", str(saved), "--format", "onnx", "--out", str(out), "--image-size", "224",
+            "--feature-layers", "6", "12", "18", "24", "--threshold", "0.5", "--pixel-threshold", "0.9"]
+    assert main(args) == 0
+    # The model file and its weights, no temporary files left.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["anomalyclip.onnx", "anomalyclip.onnx.data"]
+    assert (out.parent / "anomalyclip.onnx.data").stat().st_size > out.stat().st_size
+    runtime = OnnxAnomalyCLIP(out)
+    assert runtime.metadata.feature_layers == (6, 12, 18, 24)
+    assert (runtime.metadata.image_threshold, runtime.metadata.pixel_threshold) == (0.5, 0.9)
+    # The same graph as the Python API's export of the same model and options.
+    api = OnnxAnomalyCLIP(exported(224, "multi"))
+    pixel_values = api.preprocess([IMAGE_A, IMAGE_B])
+    for a, b in zip(runtime.run(pixel_values), api.run(pixel_values)):
+        assert _max_abs(a, b) <= 1e-6
+    # Thresholds stored at export apply by default; explicit ones take precedence.
+    result = runtime.predict(IMAGE_A)
+    assert result.label == int(result.score > 0.5) and result.path == str(IMAGE_A)
+    assert np.array_equal(result.mask, result.anomaly_map > 0.9)
+    explicit = runtime.predict(IMAGE_A, image_threshold=0.0, pixel_threshold=100.0)
+    assert explicit.label == 1 and not explicit.mask.any()
+    assert runtime.predict(IMAGE_A, thresholds=Thresholds(image=1.0)).label == 0
+
+
+def test_cli_export_bad_options(tmp_path, capsys):
+    out = str(tmp_path / "x.onnx")
+    with pytest.raises(SystemExit):
+        main(["export", "--format", "tflite", "--out", out])
+    with pytest.raises(SystemExit):
+        main(["export", "--format", "onnx", "--out", out, "--dtype", "bfloat16"])
+    code = main(["export", "--format", "onnx", "--out", out, "--quantize", "int8", "--dtype", "float16"])
+    assert code == 2 and "float32 export" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _tiny_onnx(path: Path, props: dict[str, str] | None = None, input_name: str = "x") -> Path:
+    node = helper.make_node("Identity", [input_name], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["b", 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 224, 224])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    for key, value in (props or {}).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return path
+
+
+_VALID_PROPS = {
+    FORMAT_KEY: "1",
+    "anomalyclip.image_size": "224",
+    "anomalyclip.mean": "[0.5, 0.5, 0.5]",
+    "anomalyclip.std": "[0.5, 0.5, 0.5]",
+    "anomalyclip.feature_layers": "[24]",
+    "anomalyclip.patch_size": "14",
+    "anomalyclip.dtype": '"float32"',
+    "anomalyclip.library_version": '"0.1.0"',
+}
+
+
+def test_file_that_is_not_an_anomalyclip_export(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="anomalyclip export"):
+        OnnxAnomalyCLIP(tmp_path / "missing.onnx")
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        OnnxAnomalyCLIP(text)
+    with pytest.raises(CheckpointError, match="not an anomalyclip export.*anomalyclip export"):
+        OnnxAnomalyCLIP(_tiny_onnx(tmp_path / "other.onnx"))
+    newer = _tiny_onnx(tmp_path / "newer.onnx", {**_VALID_PROPS, FORMAT_KEY: str(FORMAT_VERSION + 1)})
+    with pytest.raises(CheckpointError, match="pip install -U"):
+        OnnxAnomalyCLIP(newer)
+    broken = _tiny_onnx(tmp_path / "broken.onnx", {**_VALID_PROPS, "anomalyclip.image_size": "{"})
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        OnnxAnomalyCLIP(broken)
+    lacking = {k: v for k, v in _VALID_PROPS.items() if k != "anomalyclip.mean"}
+    with pytest.raises(CheckpointError, match="lacks"):
+        OnnxAnomalyCLIP(_tiny_onnx(tmp_path / "lacking.onnx", lacking))
+    with pytest.raises(CheckpointError, match="Re-export"):  # metadata fine, graph signature wrong
+        OnnxAnomalyCLIP(_tiny_onnx(tmp_path / "renamed.onnx", _VALID_PROPS))
+
+
+def test_truncated_export(exported, tmp_path):
+    source = exported(224, "top")
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="copy it again"):
+        OnnxAnomalyCLIP(damaged)
+
+
+def test_wrong_input_size_and_types(exported):
+    runtime = OnnxAnomalyCLIP(exported(518, "top"))
+    with pytest.raises(InvalidInputError, match=r"processes 518x518 .* --image-size 224"):
+        runtime.run(np.zeros((1, 3, 224, 224), np.float32))
+    with pytest.raises(InvalidInputError, match="predict"):
+        runtime.run(torch.zeros(1, 3, 518, 518))
+    with pytest.raises(InvalidInputError, match=r"\[B, 3, 518, 518\]"):
+        runtime.run(np.zeros((3, 518, 518), np.float32))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        runtime.run(np.full((1, 3, 518, 518), np.nan, np.float32))
+    with pytest.raises(InvalidInputError, match="empty"):
+        runtime.predict([])
+    with pytest.raises(InvalidInputError, match="patch"):
+        runtime.predict(np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        runtime.predict(IMAGE_A, batch_size=0)
+
+
+def test_unavailable_provider(exported):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(InvalidInputError, match="onnxruntime-gpu"):
+        OnnxAnomalyCLIP(exported(224, "top"), providers=["CUDAExecutionProvider"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dtype="bfloat16"), "float16"),
+        (dict(dtype="int8"), "float32"),
+        (dict(opset=11), "opset"),
+        (dict(opset=99), "opset"),
+        (dict(image_size=500), "multiple of the patch size 14"),
+        (dict(feature_layers=(25,)), "feature_layers"),
+        (dict(thresholds=0.5), "Thresholds"),
+    ],
+)
+def test_unsupported_export_options(model, tmp_path, options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        export_onnx(model, tmp_path / "x.onnx", **options)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_with_few_shot_references_is_refused(model, tmp_path, monkeypatch):
+    """Never a zero-shot graph for a few-shot model: refused until references are exported."""
+    monkeypatch.setattr(AnomalyCLIP, "num_references", property(lambda self: 4), raising=False)
+    with pytest.raises(InvalidInputError, match="few-shot reference"):
+        model.export_onnx(tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_to_a_directory_is_refused(model, tmp_path):
+    with pytest.raises(InvalidInputError, match="directory"):
+        model.export_onnx(tmp_path)
+
+
+def test_runtime_modules_never_import_torch_modules():
+    """Statically too: what the runtime imports (transitively) is numpy/Pillow-only anomalyclip code."""
+    from .test_layering import import_graph
+
+    graph = import_graph()
+    torch_modules = {"anomalyclip.model", "anomalyclip.vision", "anomalyclip.ops", "anomalyclip.scoring",
+                     "anomalyclip.runtime", "anomalyclip.backbone", "anomalyclip.prompts", "anomalyclip.onnx.export"}
+    for start in ("anomalyclip.onnx.runtime", "anomalyclip.onnx.metadata", "anomalyclip.onnx.quantize"):
+        seen, todo = set(), [start]
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        assert not seen & torch_modules, (start, sorted(seen & torch_modules))

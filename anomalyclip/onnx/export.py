@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, MissingDependencyError
 from ..scoring import anomaly_maps, image_scores
 from ..ops import get_cpu_low_precision_matmul, set_cpu_low_precision_matmul
 from ..vision import encode_image
@@ -111,12 +111,12 @@ class DeployedAnomalyCLIP(nn.Module):
 def _check_export_dependencies() -> None:
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(
+        raise MissingDependencyError(
             f"ONNX export needs {', '.join(missing)}: pip install \"anomalyclip[onnx]\" (onnx, onnxruntime, onnxscript)."
         )
     version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
     if version < (2, 6):
-        raise ImportError(f"ONNX export needs torch >= 2.6 (its torch.export-based exporter); this is torch {torch.__version__}.")
+        raise MissingDependencyError(f"ONNX export needs torch >= 2.6 (its torch.export-based exporter); this is torch {torch.__version__}.")
 
 
 def _export_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:

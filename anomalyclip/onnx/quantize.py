@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, InvalidInputError
-from .metadata import FORMAT_KEY, OnnxMetadata
+from .metadata import OnnxMetadata
 
 __all__ = ["quantize_int8", "QUANTIZATION"]
 
@@ -126,7 +126,6 @@ def quantize_int8(source: str | os.PathLike, destination: str | os.PathLike, *, 
         entries = {p.key: p.value for p in quantized.metadata_props}
         entries.update(props)  # the source's metadata, whatever the quantizer kept
         entries["anomalyclip.quantization"] = json.dumps(QUANTIZATION)
-        assert FORMAT_KEY in entries
         del quantized.metadata_props[:]
         for key, value in sorted(entries.items()):
             quantized.metadata_props.add(key=key, value=value)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import CheckpointError, InvalidInputError, WeightsNotFoundError
+from ..errors import CheckpointError, InvalidInputError, MissingDependencyError, WeightsNotFoundError
 from ..outputs import AnomalyResult
 from ..preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_array
 from .metadata import INPUT_NAME, OUTPUT_NAMES, OnnxMetadata
@@ -31,7 +31,7 @@ def _import_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             'OnnxAnomalyCLIP needs onnxruntime: pip install "anomalyclip[onnx]" (or onnxruntime-gpu for CUDA / TensorRT).'
         ) from exc
     return onnxruntime

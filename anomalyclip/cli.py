@@ -14,7 +14,7 @@ from typing import Sequence
 from ._version import __version__
 from .data.datasets import FORMATS
 from .errors import AnomalyCLIPError, InvalidInputError
-from .predict_io import collect_images
+from .predict_io import collect_images, model_options
 
 __all__ = ["main", "build_parser"]
 
@@ -183,17 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_model(args: argparse.Namespace):
     from .model import AnomalyCLIP
 
-    return AnomalyCLIP.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        image_size=args.image_size,
-        feature_layers=args.feature_layers,
-        dpam_layers=args.dpam_layers,
-        dpam_mode=args.dpam_mode,
-        sigma=args.sigma,
-        cache_dir=args.cache_dir,
-    )
+    return AnomalyCLIP.from_pretrained(args.model, **model_options(args))
 
 
 # ----------------------------------------------------------------------------- commands

@@ -92,7 +92,7 @@ def _write_parquet(path: Path, typed_rows: list[dict]) -> None:
 
 def predict_with_ray(args: argparse.Namespace) -> int:
     """Run ``anomalyclip predict --ray`` (``args`` from :func:`anomalyclip.cli.build_parser`)."""
-    from ..predict_io import write_scores
+    from ..predict_io import model_options, write_scores
     from .ray_predict import find_library_error, predict_dataset
     from .sources import list_images
 
@@ -132,14 +132,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
             maps=None,
             overlay_dir=out,
             overlay_alpha=args.alpha,
-            device=args.device,
-            dtype=args.dtype,
-            image_size=args.image_size,
-            feature_layers=args.feature_layers,
-            dpam_layers=args.dpam_layers,
-            dpam_mode=args.dpam_mode,
-            sigma=args.sigma,
-            cache_dir=args.cache_dir,
+            **model_options(args),
         )
         try:
             batches = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))

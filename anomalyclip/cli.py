@@ -172,8 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights and compute (default float32; float16 for GPU providers)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--quantize", default=None, choices=("int8",), help="write onnxruntime's dynamic int8 quantization of the float32 export")
+    p.add_argument(
+        "--references",
+        nargs="+",
+        default=None,
+        metavar="DIR_OR_FILE",
+        help="normal reference images or folders, added to the model's own before export (few-shot, in the graph)",
+    )
+    p.add_argument("--coreset", type=float, default=None, help="keep this fraction of the reference patches (greedy coreset)")
     p.add_argument("--threshold", type=float, default=None, help="image-score threshold stored in the file (labels by default)")
     p.add_argument("--pixel-threshold", type=float, default=None, help="map threshold stored in the file (masks by default)")
+    p.add_argument("--no-thresholds", action="store_true", help="store no thresholds (default: the model's saved ones, if any)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
     p.set_defaults(handler=_export)
     return parser
@@ -336,10 +345,19 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.quantize and args.dtype != "float32":
         raise InvalidInputError("--quantize int8 starts from a float32 export; drop --dtype float16.")
-    thresholds = None
+    thresholds = False if args.no_thresholds else None  # None: the model's own
     if args.threshold is not None or args.pixel_threshold is not None:
+        if args.no_thresholds:
+            raise InvalidInputError("--no-thresholds contradicts --threshold / --pixel-threshold; pass one or the other.")
         thresholds = Thresholds(image=args.threshold, pixel=args.pixel_threshold)
+    if args.coreset is not None and not args.references:
+        raise InvalidInputError("--coreset applies to --references; add --references DIR.")
     model = AnomalyCLIP.from_pretrained(args.model, device="cpu", cache_dir=args.cache_dir)
+    if args.references:
+        if args.image_size is not None or args.feature_layers is not None:
+            # references are taken at the settings the export runs with
+            model.reconfigure(image_size=args.image_size, feature_layers=args.feature_layers)
+        model.add_references(collect_images(args.references), coreset=args.coreset, progress=not args.quiet)
     options = dict(image_size=args.image_size, feature_layers=args.feature_layers, dtype=args.dtype, opset=args.opset, thresholds=thresholds)
     out = Path(args.out)
     if args.quantize:

@@ -44,10 +44,9 @@ from .files import atomic_path, atomic_write, cache_root, find_images
 from .references import (
     REFERENCES_NAME,
     ReferenceMemory,
+    fuse_references,
     fuse_scores,
     normalize_patch_tokens,
-    reference_map,
-    reference_score,
     resolve_storage_dtype,
 )
 from .runtime import is_out_of_memory, out_of_memory_error, resolve_device, resolve_dtype
@@ -560,17 +559,22 @@ class AnomalyCLIP(nn.Module):
         )
         _check_config_matches_clip(config, self.clip)
         changed = [name for name in INFERENCE_OPTIONS if getattr(config, name) != getattr(self.config, name)]
-        if changed and config.thresholds is not None:
-            logger.warning(
-                "Dropping the model's thresholds %s: they were chosen before %s changed. Run model.calibrate(...) "
-                "again (or set model.thresholds).",
-                config.thresholds,
-                ", ".join(changed),
-            )
-            config = dataclasses.replace(config, thresholds=None)
         self.config = config
+        if changed:
+            self._drop_thresholds(f"{', '.join(changed)} changed")
         self._warn_if_references_stale()
         return self
+
+    def _drop_thresholds(self, reason: str) -> None:
+        """Forget the thresholds (with a warning): they were chosen for outputs that ``reason`` changed."""
+        if self.config.thresholds is not None:
+            logger.warning(
+                "Dropping the model's thresholds %s: they were chosen before %s. Run model.calibrate(...) again "
+                "(or set model.thresholds).",
+                self.config.thresholds,
+                reason,
+            )
+            self.config = dataclasses.replace(self.config, thresholds=None)
 
     def _warn_if_references_stale(self) -> None:
         if self._references is None:
@@ -762,17 +766,15 @@ class AnomalyCLIP(nn.Module):
         if memory.device != self.device:
             memory.to(self.device)
         distances = memory.distances(out.patch_features)  # layer -> [B, G*G]
-        reference_raw = reference_map(distances, image_size)  # [B, S, S]
-        fused_raw = out.raw_anomaly_maps + reference_raw
-        blurred = gaussian_blur(torch.cat([fused_raw, reference_raw]), self.config.sigma)
-        b = fused_raw.shape[0]
-        reference_scores = reference_score(distances)
+        fused = fuse_references(out.scores, out.raw_anomaly_maps, distances)
+        blurred = gaussian_blur(torch.cat([fused.raw_maps, fused.reference_raw_maps]), self.config.sigma)
+        b = fused.raw_maps.shape[0]
         return dataclasses.replace(
             out,
-            scores=fuse_scores(out.scores, reference_scores),
+            scores=fused.scores,
             anomaly_maps=blurred[:b],
-            raw_anomaly_maps=fused_raw,
-            reference_scores=reference_scores,
+            raw_anomaly_maps=fused.raw_maps,
+            reference_scores=fused.reference_scores,
             reference_maps=blurred[b:],
         )
 
@@ -798,8 +800,13 @@ class AnomalyCLIP(nn.Module):
         return 0 if self._references is None else self._references.num_images
 
     def clear_references(self) -> None:
-        """Forget the few-shot references: the model is zero-shot again."""
-        self._references = None
+        """Forget the few-shot references: the model is zero-shot again.
+
+        Thresholds (:attr:`thresholds`) chosen with the references are dropped with a warning.
+        """
+        if self._references is not None:
+            self._references = None
+            self._drop_thresholds("the references were cleared")
 
     def add_references(
         self,
@@ -818,7 +825,9 @@ class AnomalyCLIP(nn.Module):
 
         The patch tokens of each output layer (the same tokens as the zero-shot map) are kept in
         a memory on the model's device. Calls accumulate; :meth:`clear_references` forgets them;
-        :meth:`save_pretrained` writes them beside the prompts.
+        :meth:`save_pretrained` writes them beside the prompts. They change the outputs, so
+        thresholds (:attr:`thresholds`) chosen before are dropped with a warning: calibrate
+        after adding the references.
 
         Args:
             images: what :meth:`predict` takes (paths, PIL images, arrays, CHW tensors, or a list
@@ -889,6 +898,7 @@ class AnomalyCLIP(nn.Module):
                         collect(torch.stack([self._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
             memory.add({k: torch.cat(v) for k, v in tokens.items()}, num_images=len(items), coreset=coreset, seed=seed)
         self._references = memory
+        self._drop_thresholds("the references changed")
         logger.info("References: %r", memory)
         return memory.num_images
 
@@ -1158,14 +1168,16 @@ class AnomalyCLIP(nn.Module):
         feature_layers: Sequence[int] | None = None,
         dtype: str = "float32",
         opset: int | None = None,
-        thresholds: Thresholds | None = None,
+        thresholds: Thresholds | Literal[False] | None = None,
     ) -> Path:
         """Export the model for deployment as ONNX: one file, run by :class:`anomalyclip.onnx.OnnxAnomalyCLIP`
         with onnxruntime, numpy and Pillow (no torch).
 
         Input ``pixel_values [B, 3, S, S]`` (float32, dynamic batch), outputs ``scores [B]`` and
-        ``anomaly_maps [B, S, S]`` (blurred, as :meth:`forward`). Every option is documented at
-        :func:`anomalyclip.onnx.export_onnx`. Returns the path written. Needs ``anomalyclip[onnx]``.
+        ``anomaly_maps [B, S, S]`` (blurred, as :meth:`forward`). Few-shot references and the
+        model's :attr:`thresholds` go into the file (``thresholds=False``: none). Every option is
+        documented at :func:`anomalyclip.onnx.export_onnx`. Returns the path written. Needs
+        ``anomalyclip[onnx]``.
         """
         from .onnx.export import export_onnx
 
@@ -1191,9 +1203,7 @@ class AnomalyCLIP(nn.Module):
         if name is not None:
             trained_on = name if before.trained_on in (None, name) else f"{before.trained_on}, then {name}"
             self.config = self.config.replace(trained_on=trained_on)
-        if before.thresholds is not None:
-            logger.warning("Dropping the model's thresholds %s: new prompts need new ones (calibrate again).", before.thresholds)
-            self.config = dataclasses.replace(self.config, thresholds=None)
+        self._drop_thresholds("new prompts were learned")
         prompts_before = {k: v.detach().clone() for k, v in self.prompts.state_dict().items()}
         try:
             return finetune(self, data, **options)

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,13 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "normalize_patch_tokens",
     "nearest_neighbor_distance",
+    "nearest_neighbor_distance_blocks",
     "reference_distances",
     "reference_map",
     "reference_score",
     "fuse_scores",
+    "ReferenceFusion",
+    "fuse_references",
     "greedy_coreset",
     "resolve_storage_dtype",
     "ReferenceMemory",
@@ -116,6 +119,29 @@ def nearest_neighbor_distance(
     return (1.0 - best).clamp_(min=0.0)
 
 
+def nearest_neighbor_distance_blocks(queries: torch.Tensor, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`nearest_neighbor_distance` for a graph export: the same ``1 - max_k <q, m_k>``,
+    with no in-place update and no shape-dependent control flow, for any leading query shape.
+
+    Args:
+        queries: ``[..., D]`` L2-normalized (e.g. ``[B, G*G, D]``; computed in float32).
+        blocks: the memory as float32 ``[D, m]`` blocks (transposed rows; see
+            :meth:`ReferenceMemory.blocks`), each read once. A block's similarities take
+            ``Q * m`` elements, so the block size bounds the search's memory.
+
+    Returns:
+        ``[...]`` float32 distances in [0, 2].
+    """
+    if not blocks:
+        raise InvalidInputError("nearest_neighbor_distance_blocks: the memory is empty; add references first.")
+    queries = queries.float()
+    best: torch.Tensor | None = None
+    for block in blocks:
+        similarity = (queries @ block).amax(dim=-1)
+        best = similarity if best is None else torch.maximum(best, similarity)
+    return (1.0 - best).clamp(min=0.0)
+
+
 def reference_distances(
     patch_features: dict[int, torch.Tensor],
     memories: dict[int, torch.Tensor],
@@ -161,6 +187,39 @@ def reference_score(distances: dict[int, torch.Tensor]) -> torch.Tensor:
 def fuse_scores(zero_shot_scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
     """The fused image score ``(zero-shot + reference) / 2`` (WinCLIP+), ``[B]`` in [0, 1]."""
     return (zero_shot_scores.float() + reference_scores.float()) / 2.0
+
+
+class ReferenceFusion(NamedTuple):
+    """The fused outputs of :func:`fuse_references` (all float32)."""
+
+    scores: torch.Tensor  #: ``[B]`` fused image scores in [0, 1]
+    raw_maps: torch.Tensor  #: ``[B, S, S]`` zero-shot raw map + reference map, before the blur
+    reference_raw_maps: torch.Tensor  #: ``[B, S, S]`` the reference map alone, before the blur
+    reference_scores: torch.Tensor  #: ``[B]`` reference scores in [0, 1]
+
+
+def fuse_references(
+    zero_shot_scores: torch.Tensor, zero_shot_raw_maps: torch.Tensor, distances: dict[int, torch.Tensor]
+) -> ReferenceFusion:
+    """Fuse the zero-shot outputs with the reference distances (the module docstring's fusion).
+
+    Args:
+        zero_shot_scores: ``[B]`` zero-shot image scores.
+        zero_shot_raw_maps: ``[B, S, S]`` zero-shot layer-sum maps, before the blur.
+        distances: layer -> ``[B, G*G]`` nearest-neighbour distances (:func:`reference_distances`).
+
+    Returns:
+        :class:`ReferenceFusion`; the caller blurs ``raw_maps`` (and ``reference_raw_maps`` if it
+        reports them) with the model's Gaussian blur, as the zero-shot map is blurred.
+    """
+    reference_raw = reference_map(distances, zero_shot_raw_maps.shape[-1])
+    reference_scores = reference_score(distances)
+    return ReferenceFusion(
+        scores=fuse_scores(zero_shot_scores, reference_scores),
+        raw_maps=zero_shot_raw_maps + reference_raw,
+        reference_raw_maps=reference_raw,
+        reference_scores=reference_scores,
+    )
 
 
 def greedy_coreset(
@@ -306,6 +365,20 @@ class ReferenceMemory:
         """Move the memories to ``device`` (in place); returns self."""
         self.memories = {k: v.to(device) for k, v in self.memories.items()}
         return self
+
+    def blocks(self, patches_per_image: int) -> dict[int, list[torch.Tensor]]:
+        """Each layer's memory as float32 ``[D, m]`` blocks for :func:`nearest_neighbor_distance_blocks`.
+
+        ``m`` is the most rows with ``patches_per_image * m <= chunk_elements`` (at least 1), so
+        one block's similarities take at most :attr:`chunk_elements` elements per image. The
+        blocks are float32 copies on the memory's device, whatever the storage dtype.
+        """
+        if patches_per_image < 1:
+            raise InvalidInputError(f"patches_per_image must be >= 1, got {patches_per_image}.")
+        rows = max(1, self.chunk_elements // int(patches_per_image))
+        return {
+            layer: [block.float().T.contiguous() for block in memory.split(rows)] for layer, memory in self.memories.items()
+        }
 
     def nbytes(self) -> int:
         """Bytes held by the memories."""

@@ -7,14 +7,19 @@
    and onnxruntime's ``intra_op_num_threads``), it times the torch forward ``model(pixel_values)``
    under ``torch.inference_mode()`` and ``session.run`` of each ONNX file (both: vision forward,
    scores, maps, blur; torch's text features cached as in normal use), and compares the outputs.
+   With ``--references N`` it also exports the model with N few-shot reference images (random
+   pixels; the search costs the same for any values) and times torch and onnxruntime float32
+   with them, in the same interleaving.
 2. **Deviation on the golden images** (``--golden``): the golden prompts on the tiny test CLIP,
    ``image_a`` / ``image_b`` at 518 px, layers 24 and 6, 12, 18, 24: onnxruntime float32 and int8
-   against the torch model and against the official golden outputs.
+   against the torch model and against the official golden outputs; then the same with one
+   few-shot reference (``image_b`` mirrored) in the graph.
 
 Usage::
 
     python benchmarks/bench_onnx.py --threads 2 --batch-sizes 1,8 --repeats 2 --int8 --golden
     python benchmarks/bench_onnx.py --golden --no-speed             # deviation only (seconds)
+    python benchmarks/bench_onnx.py --batch-sizes 1,8 --references 4  # + few-shot references in the graph
 
 Times are the best of ``--repeats`` after ``--warmup`` untimed runs; the timed runs alternate
 between the backends (torch, onnxruntime float32, int8, torch, ...) so that load from other
@@ -39,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from bench_inference import OtherLoad, build_model, machine_description  # noqa: E402  (benchmarks/ is on sys.path)
 
 from anomalyclip import AnomalyCLIP  # noqa: E402
@@ -81,6 +87,9 @@ def _interleaved(
 
 def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model = build_model(args.image_size, torch.device("cpu"), torch.float32)
+    if args.feature_layers:
+        model.reconfigure(feature_layers=args.feature_layers)
+    print(f"output layers: {list(model.config.feature_layers)}")
     files = {}
     start = time.perf_counter()
     files["onnxruntime float32"] = model.export_onnx(workdir / "vitl.onnx")
@@ -92,6 +101,19 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         files["onnxruntime int8"] = quantize_int8(files["onnxruntime float32"], workdir / "vitl-int8.onnx")
         quantize_s = time.perf_counter() - start
         print(f"quantize (dynamic int8): {quantize_s:.1f} s, {files['onnxruntime int8'].stat().st_size / 1e6:.0f} MB")
+    memory = None
+    if args.references:
+        # Reference images of random pixels: the search's cost depends on the memory's size only.
+        rng = np.random.default_rng(0)
+        size = args.image_size
+        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.references)]
+        model.add_references(images)
+        memory = model.references
+        start = time.perf_counter()
+        files[f"onnxruntime float32 + {args.references} refs"] = model.export_onnx(workdir / "vitl-refs.onnx")
+        print(f"export (float32, {args.references} references, {len(memory)} patches x {len(memory.feature_layers)} layers): "
+              f"{time.perf_counter() - start:.1f} s, {files[f'onnxruntime float32 + {args.references} refs'].stat().st_size / 1e6:.0f} MB")
+        model.clear_references()
     sessions = {}
     for label, path in files.items():
         start = time.perf_counter()
@@ -105,12 +127,15 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pixel_values = torch.randn(b, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(b))
         array = pixel_values.numpy()
 
-        def torch_forward() -> tuple[np.ndarray, np.ndarray]:
+        def torch_forward(references: Any = None) -> tuple[np.ndarray, np.ndarray]:
+            model.references = references
             with torch.inference_mode():
                 out = model(pixel_values)
             return out.scores.numpy(), out.anomaly_maps.numpy()
 
         backends: dict[str, Callable[[], Any]] = {"torch": torch_forward}
+        if memory is not None:
+            backends[f"torch + {args.references} refs"] = lambda: torch_forward(memory)
         for label, session in sessions.items():
             backends[label] = lambda s=session: s.run(array)
         outputs = {}
@@ -120,8 +145,8 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                              s_per_image=best / b, other_cpu_s=other, times=times))
             print(f"  B={b} {label:<20} best {best:8.2f} s ({best / b:.2f} s/image), median {statistics.median(times):.2f} s, "
                   f"times {[round(t, 2) for t in times]}, other CPU {other if other is not None else float('nan'):.1f} s")
-        ref = outputs["torch"]
         for label in sessions:
+            ref = outputs[f"torch + {args.references} refs" if label.endswith(" refs") else "torch"]
             s, m = outputs[label]
             rows.append(dict(backend=label, batch=b, vs_torch_score=_max_abs(s, ref[0]), vs_torch_map=_max_abs(m, ref[1])))
             print(f"  B={b} {label} vs torch: max |score diff| {_max_abs(s, ref[0]):.2e}, max |map diff| {_max_abs(m, ref[1]):.2e}")
@@ -161,6 +186,23 @@ def golden(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for label, (s, m, rs, rm) in comparisons.items():
             out[f"{variant}: {label}"] = (_max_abs(s, rs), _max_abs(m, rm))
             print(f"  layers {','.join(map(str, layers)):<12} {label:<42} {_max_abs(s, rs):.2e}; {_max_abs(m, rm):.2e}")
+        # With one few-shot reference (image_b mirrored; image_a, the defective one, is not in it).
+        model.reconfigure(feature_layers=layers)
+        model.add_references([np.asarray(Image.open(images[1]))[:, ::-1].copy()])
+        f32r = model.export_onnx(workdir / f"golden-{variant}-refs.onnx")
+        i8r = quantize_int8(f32r, workdir / f"golden-{variant}-refs-int8.onnx")
+        with torch.inference_mode():
+            ref_r = model(torch.from_numpy(pixel_values))
+        model.clear_references()
+        model.reconfigure(feature_layers=(24,))
+        s32r, m32r = OnnxAnomalyCLIP(f32r, threads=args.threads).run(pixel_values)
+        s8r, m8r = OnnxAnomalyCLIP(i8r, threads=args.threads).run(pixel_values)
+        for label, (s, m, rs, rm) in {
+            "+ 1 reference: onnxruntime float32 vs torch": (s32r, m32r, ref_r.scores.numpy(), ref_r.anomaly_maps.numpy()),
+            "+ 1 reference: onnxruntime int8 vs float32": (s8r, m8r, s32r, m32r),
+        }.items():
+            out[f"{variant}: {label}"] = (_max_abs(s, rs), _max_abs(m, rm))
+            print(f"  layers {','.join(map(str, layers)):<12} {label:<42} {_max_abs(s, rs):.2e}; {_max_abs(m, rm):.2e}")
         # Also the mean absolute map difference and the scale of the maps, to put int8 in context.
         print(f"  layers {','.join(map(str, layers)):<12} int8 vs float32: mean |map diff| {np.abs(m8 - m32).mean():.2e}; "
               f"map range [{m32.min():.3f}, {m32.max():.3f}]; scores float32 {np.round(s32, 4).tolist()} int8 {np.round(s8, 4).tolist()}")
@@ -188,10 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="also time onnxruntime's dynamic int8 quantization")
     parser.add_argument("--golden", action="store_true", help="deviation of float32 / int8 exports on the golden images")
     parser.add_argument("--no-speed", action="store_true", help="skip the ViT-L speed comparison")
+    parser.add_argument("--feature-layers", default=None, help="output layers of the speed model, e.g. 6,12,18,24 (default: 24)")
+    parser.add_argument("--references", type=int, default=0, help="also time torch and onnxruntime float32 with N few-shot references")
     parser.add_argument("--workdir", default=None, help="where to write the exports (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    args.feature_layers = [int(x) for x in args.feature_layers.split(",")] if args.feature_layers else None
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer logs every node at INFO
 

@@ -109,6 +109,25 @@ def test_changing_an_option_drops_stale_thresholds(fresh_model, caplog):
     assert "Dropping the model's thresholds" in caplog.text and "feature_layers" in caplog.text
 
 
+def test_adding_or_clearing_references_drops_stale_thresholds(fresh_model, caplog):
+    """References change scores and maps (and the maps' range): thresholds chosen before no longer hold."""
+    fresh_model.reconfigure(image_size=224)
+    fresh_model.thresholds = Thresholds(image=0.5, pixel=0.5)
+    with caplog.at_level(logging.WARNING, logger="anomalyclip"):
+        fresh_model.add_references([IMAGE_B])
+    assert fresh_model.thresholds is None
+    assert "Dropping the model's thresholds" in caplog.text and "references changed" in caplog.text
+    calibrated = fresh_model.calibrate([IMAGE_B])  # with the references: kept
+    assert fresh_model.thresholds == calibrated
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anomalyclip"):
+        fresh_model.clear_references()
+    assert fresh_model.thresholds is None and "references were cleared" in caplog.text
+    fresh_model.thresholds = calibrated
+    fresh_model.clear_references()  # no references to clear: the thresholds stay
+    assert fresh_model.thresholds == calibrated
+
+
 def test_from_pretrained_override_drops_saved_thresholds(fresh_model, tmp_path):
     fresh_model.thresholds = Thresholds(image=0.5, pixel=0.5)
     fresh_model.save_pretrained(tmp_path)

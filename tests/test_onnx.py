@@ -8,15 +8,19 @@ configuration and shared (``exported``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -29,7 +33,7 @@ from anomalyclip.cli import main  # noqa: E402
 from anomalyclip.errors import CheckpointError, InvalidInputError, WeightsNotFoundError  # noqa: E402
 from anomalyclip.onnx import OnnxAnomalyCLIP, export_onnx, quantize_int8  # noqa: E402
 from anomalyclip.onnx import export as export_module  # noqa: E402
-from anomalyclip.onnx.metadata import FORMAT_KEY, FORMAT_VERSION  # noqa: E402
+from anomalyclip.onnx.metadata import FORMAT_KEY, FORMAT_VERSION, REFERENCE_BUFFER_PREFIX  # noqa: E402
 from anomalyclip.eval.thresholds import Thresholds  # noqa: E402
 
 from .conftest import IMAGE_A, IMAGE_B, OFFICIAL_PTH, TINY_CLIP_REF  # noqa: E402
@@ -59,43 +63,90 @@ def model() -> AnomalyCLIP:
     return AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=TINY_CLIP_REF, device="cpu")
 
 
+#: Few-shot setups of the parity tests: the reference images, their storage dtype and the rows
+#: per block of the nearest-neighbour search (None: the default budget, one block here; 300: uneven
+#: blocks, so the graph's block loop and the torch model's chunked search are both exercised).
+#: The defective golden image A is never a reference, so it keeps a visible reference map.
+REFERENCES = {
+    "float32": dict(images=lambda: [IMAGE_B], storage_dtype="float32", rows=None),
+    "float16-blocks": dict(
+        images=lambda: [np.asarray(Image.open(IMAGE_B))[::-1].copy(), np.asarray(Image.open(IMAGE_B))[:, ::-1].copy()],
+        storage_dtype="float16",
+        rows=300,
+    ),
+}
+
+
+@contextlib.contextmanager
+def _configured(model: AnomalyCLIP, size: int, variant: str, references: str | None = None) -> Iterator[AnomalyCLIP]:
+    """The golden model at ``size`` / ``variant``, with the few-shot setup ``references``; restored after."""
+    model.reconfigure(image_size=size, feature_layers=LAYERS[variant])
+    try:
+        if references is not None:
+            setup = REFERENCES[references]
+            model.add_references(setup["images"](), storage_dtype=setup["storage_dtype"])
+            if setup["rows"] is not None:
+                model.references.chunk_elements = setup["rows"] * (size // model.patch_size) ** 2
+        yield model
+    finally:
+        model.clear_references()
+        model.reconfigure(image_size=518, feature_layers=(24,))
+
+
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
-    """``exported(size, variant, **options)`` -> path of an export of the golden model, made once."""
+    """``exported(size, variant, references=None, **options)`` -> path of an export of the golden
+    model (with the few-shot setup ``references``), made once."""
     root = tmp_path_factory.mktemp("onnx")
     cache: dict = {}
 
-    def get(size: int, variant: str, **options) -> Path:
-        key = (size, variant, tuple(sorted(options.items())))
+    def get(size: int, variant: str, references: str | None = None, **options) -> Path:
+        key = (size, variant, references, tuple(sorted(options.items())))
         if key not in cache:
             path = root / f"golden-{size}-{variant}-{len(cache)}.onnx"
-            cache[key] = model.export_onnx(path, image_size=size, feature_layers=LAYERS[variant], **options)
+            with _configured(model, size, variant, references):
+                cache[key] = model.export_onnx(path, image_size=size, feature_layers=LAYERS[variant], **options)
         return cache[key]
 
     return get
 
 
-def _torch_reference(model: AnomalyCLIP, size: int, variant: str, images) -> tuple[torch.Tensor, object]:
-    model.reconfigure(image_size=size, feature_layers=LAYERS[variant])
-    try:
+def _torch_reference(model: AnomalyCLIP, size: int, variant: str, images, references: str | None = None):
+    """``(pixel_values, model(pixel_values), model.predict(images))`` of the torch model so configured."""
+    with _configured(model, size, variant, references):
         pixel_values = model.preprocess(images)
         with torch.inference_mode():
             out = model(pixel_values)
         results = model.predict(images)
-    finally:
-        model.reconfigure(image_size=518, feature_layers=(24,))
     return pixel_values, out, results
 
 
 # ----------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("variant", list(LAYERS))
-@pytest.mark.parametrize("size", SIZES)
-def test_onnxruntime_matches_torch(model, exported, size, variant):
-    path = exported(size, variant)
+PARITY_CASES = [(size, variant, None) for size in SIZES for variant in LAYERS] + [
+    (224, "top", "float32"),
+    (224, "multi", "float16-blocks"),
+    (518, "top", "float16-blocks"),
+    (518, "multi", "float32"),
+]
+
+
+@pytest.mark.parametrize("size, variant, references", PARITY_CASES)
+def test_onnxruntime_matches_torch(model, exported, size, variant, references):
+    """Two sizes, one and four layers, without and with few-shot references; batch 3 and 1."""
+    path = exported(size, variant, references)
     runtime = OnnxAnomalyCLIP(path)
-    pixel_values, out, torch_results = _torch_reference(model, size, variant, BATCH_3)
+    pixel_values, out, torch_results = _torch_reference(model, size, variant, BATCH_3, references)
+    n_layers = len(LAYERS[variant])
+    if references is None:
+        assert runtime.num_references == 0 and runtime.map_range == (0.0, n_layers)
+    else:
+        assert runtime.num_references == len(REFERENCES[references]["images"]())
+        assert runtime.map_range == (0.0, 3.0 * n_layers)
+        # The references matter, by far more than the tolerances: a zero-shot graph would fail.
+        assert _max_abs(out.scores, out.zero_shot_scores) > 1e-2
+        assert _max_abs(out.anomaly_maps, out.zero_shot_maps) > 1e-1
 
     # The same preprocessing, literally: equal arrays.
     assert np.array_equal(runtime.preprocess(BATCH_3), pixel_values.numpy())
@@ -215,6 +266,37 @@ def test_int8_quantization_runs_and_stays_close(exported, tmp_path):
         quantize_int8(path, tmp_path / "twice.onnx")
 
 
+def _reference_products(path: Path) -> list[str]:
+    """Op types of the nodes that read a reference memory constant."""
+    return [n.op_type for n in onnx.load(str(path)).graph.node if any(i.startswith(REFERENCE_BUFFER_PREFIX) for i in n.input)]
+
+
+def test_int8_quantization_keeps_the_reference_search_in_float32(exported, tmp_path):
+    source = exported(224, "multi", "float16-blocks")
+    products = _reference_products(source)
+    assert products and set(products) == {"MatMul"}  # 4 layers x uneven blocks
+    path = quantize_int8(source, tmp_path / "int8.onnx")
+    assert _reference_products(path) == products  # the same float32 MatMuls on the same constants
+    runtime, reference = OnnxAnomalyCLIP(path), OnnxAnomalyCLIP(source)
+    assert runtime.num_references == 2
+    pixel_values = reference.preprocess([IMAGE_A, IMAGE_B])
+    (s8, m8), (s32, m32) = runtime.run(pixel_values), reference.run(pixel_values)
+    assert 0 < _max_abs(s8, s32) < 0.05
+    assert _max_abs(m8, m32) < 0.25
+
+    # A file whose reference constants were renamed cannot be quantized safely: refused.
+    proto = onnx.load(str(source))
+    renamed = {t.name: "memory_" + t.name for t in proto.graph.initializer if t.name.startswith(REFERENCE_BUFFER_PREFIX)}
+    for t in proto.graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    onnx.save(proto, str(tmp_path / "renamed.onnx"))
+    with pytest.raises(CheckpointError, match="2 reference image.*nearest-neighbour products were not found"):
+        quantize_int8(tmp_path / "renamed.onnx", tmp_path / "renamed-int8.onnx")
+    assert not (tmp_path / "renamed-int8.onnx").exists()
+
+
 # ----------------------------------------------------------------------------- torch-free runtime
 
 _TORCH_FREE_SCRIPT = """
@@ -290,6 +372,27 @@ def test_cli_export_end_to_end(tmp_path, exported, monkeypatch):
     assert runtime.predict(IMAGE_A, thresholds=Thresholds(image=1.0)).label == 0
 
 
+def test_cli_export_of_an_inspection_profile(model, tmp_path):
+    """A saved profile (prompts, references, thresholds) -> one ONNX file that gives its outputs and labels."""
+    profile = tmp_path / "profile"
+    with _configured(model, 224, "multi", "float32"):
+        thresholds = model.calibrate([IMAGE_B], quantile=1.0)
+        model.save_pretrained(profile)
+    loaded = AnomalyCLIP.from_pretrained(profile, device="cpu")
+    assert loaded.num_references == 1 and loaded.thresholds == thresholds
+
+    out = tmp_path / "profile.onnx"
+    assert main(["-q", "export", "--model", str(profile), "--format", "onnx", "--out", str(out)]) == 0
+    runtime = OnnxAnomalyCLIP(out)
+    assert runtime.num_references == 1 and runtime.metadata.feature_layers == (6, 12, 18, 24)
+    assert (runtime.metadata.image_threshold, runtime.metadata.pixel_threshold) == (thresholds.image, thresholds.pixel)
+    ours, theirs = runtime.predict(BATCH_3), loaded.predict(BATCH_3)
+    for a, b in zip(ours, theirs):
+        assert abs(a.score - b.score) <= 1e-4 and _max_abs(a.anomaly_map, b.anomaly_map) <= 1e-3
+        assert a.label == b.label and np.array_equal(a.mask, b.mask)
+    assert [r.label for r in ours] == [1, 0, 1]  # the defective image flagged, the normal one passed
+
+
 def test_cli_export_bad_options(tmp_path, capsys):
     out = str(tmp_path / "x.onnx")
     with pytest.raises(SystemExit):
@@ -298,6 +401,10 @@ def test_cli_export_bad_options(tmp_path, capsys):
         main(["export", "--format", "onnx", "--out", out, "--dtype", "bfloat16"])
     code = main(["export", "--format", "onnx", "--out", out, "--quantize", "int8", "--dtype", "float16"])
     assert code == 2 and "float32 export" in capsys.readouterr().err
+    code = main(["export", "--format", "onnx", "--out", out, "--no-thresholds", "--threshold", "0.5"])
+    assert code == 2 and "--no-thresholds contradicts" in capsys.readouterr().err
+    code = main(["export", "--format", "onnx", "--out", out, "--coreset", "0.5"])
+    assert code == 2 and "--coreset applies to --references" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -406,12 +513,28 @@ def test_unsupported_export_options(model, tmp_path, options, message):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_model_with_few_shot_references_is_refused(model, tmp_path, monkeypatch):
-    """Never a zero-shot graph for a few-shot model: refused until references are exported."""
-    monkeypatch.setattr(AnomalyCLIP, "num_references", property(lambda self: 4), raising=False)
-    with pytest.raises(InvalidInputError, match="few-shot reference"):
-        model.export_onnx(tmp_path / "x.onnx")
+def test_references_the_export_cannot_use_are_refused(model, tmp_path):
+    """References of another image size, or taken from tiles, would give wrong maps: refused."""
+    with _configured(model, 224, "top", "float32"):
+        with pytest.raises(InvalidInputError, match=r"image_size 224 \(the model now runs 518\).*clear_references"):
+            model.export_onnx(tmp_path / "x.onnx", image_size=518)
+        with pytest.raises(InvalidInputError, match=r"feature_layers \[24\]"):
+            model.export_onnx(tmp_path / "x.onnx", feature_layers=(6, 24))
+    with _configured(model, 224, "top"):
+        model.add_references([IMAGE_B], tile_size=112)
+        with pytest.raises(InvalidInputError, match="112 px tiles.*does not tile"):
+            model.export_onnx(tmp_path / "x.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_stores_the_models_own_thresholds_for_its_own_settings(model, caplog):
+    with _configured(model, 224, "top"):
+        model.thresholds = Thresholds(image=0.3, pixel=1.2)
+        assert export_module._model_thresholds(model, model.config) == Thresholds(image=0.3, pixel=1.2)
+        with caplog.at_level(logging.WARNING, logger="anomalyclip"):
+            other = model.config.replace(feature_layers=(6, 24))
+            assert export_module._model_thresholds(model, other) is None
+        assert "Not storing the model's thresholds" in caplog.text and "feature_layers" in caplog.text
 
 
 def test_export_to_a_directory_is_refused(model, tmp_path):

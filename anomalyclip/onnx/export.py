@@ -19,17 +19,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .._version import __version__
 from ..errors import InvalidInputError, MissingDependencyError
-from ..scoring import anomaly_maps, image_scores
+from ..references import fuse_references, nearest_neighbor_distance_blocks, normalize_patch_tokens
+from ..scoring import anomaly_maps, gaussian_blur, image_scores
 from ..ops import get_cpu_low_precision_matmul, set_cpu_low_precision_matmul
 from ..vision import encode_image
-from .metadata import EXPORT_DTYPES, INPUT_NAME, OUTPUT_NAMES, OnnxMetadata
+from .metadata import EXPORT_DTYPES, INPUT_NAME, OUTPUT_NAMES, REFERENCE_BUFFER_PREFIX, OnnxMetadata
 
 __all__ = ["DeployedAnomalyCLIP", "export_onnx", "DEFAULT_OPSET", "MIN_OPSET"]
 
@@ -52,18 +53,20 @@ class DeployedAnomalyCLIP(nn.Module):
     constant buffer. ``encode_image(..., traceable=True)`` runs the batch in one pass without
     in-place updates, so the graph is valid for any batch size.
 
-    Few-shot references (patch features of normal images, compared with the test image's patch
-    features) fit here the same way as the text features: as buffers of this module, combined
-    with the zero-shot score and map in :meth:`forward` by the same functions the torch model
-    uses (their nearest-neighbour search in one block, as a trace needs), and counted in the
-    file's metadata (``OnnxMetadata.references``). Until then :func:`export_onnx` refuses a
-    model with references rather than exporting its zero-shot part alone.
+    Few-shot references are constants too: each output layer's memory of normal patch tokens,
+    as float32 ``[D, m]`` blocks (:meth:`ReferenceMemory.blocks
+    <anomalyclip.references.ReferenceMemory.blocks>`, buffers named
+    ``reference_memory_<layer>_<block>``). The nearest-neighbour search reads them block by
+    block (:func:`~anomalyclip.references.nearest_neighbor_distance_blocks`) and the fusion is
+    the torch model's (:func:`~anomalyclip.references.fuse_references`, then the blur).
 
     Args:
         visual: the CLIP vision tower (``clip.visual``), in the export dtype.
         text_features: ``[2, D]`` normalized text features (normal, anomalous).
         image_size: processing size S.
         feature_layers, dpam_layers, dpam_mode, temperature, sigma: as in :class:`~anomalyclip.AnomalyCLIPConfig`.
+        reference_blocks: layer -> float32 ``[D, m]`` memory blocks, for every output layer,
+            or None (zero-shot).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class DeployedAnomalyCLIP(nn.Module):
         dpam_mode: str,
         temperature: float,
         sigma: float,
+        reference_blocks: Mapping[int, Sequence[torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         self.visual = visual
@@ -87,6 +91,23 @@ class DeployedAnomalyCLIP(nn.Module):
         self.dpam_mode = dpam_mode
         self.temperature = float(temperature)
         self.sigma = float(sigma)
+        self._reference_names: dict[int, list[str]] = {}
+        if reference_blocks is not None:
+            missing = [layer for layer in self.feature_layers if not reference_blocks.get(layer)]
+            if missing:
+                raise InvalidInputError(f"DeployedAnomalyCLIP: no reference memory for output layer(s) {missing}.")
+            for layer in self.feature_layers:
+                names = []
+                for index, block in enumerate(reference_blocks[layer]):
+                    name = f"{REFERENCE_BUFFER_PREFIX}{layer}_{index}"
+                    self.register_buffer(name, block.detach().float().contiguous())
+                    names.append(name)
+                self._reference_names[layer] = names
+
+    @property
+    def has_references(self) -> bool:
+        """Whether the graph fuses few-shot references."""
+        return bool(self._reference_names)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = encode_image(
@@ -98,14 +119,23 @@ class DeployedAnomalyCLIP(nn.Module):
             traceable=True,
         )
         scores = image_scores(features.image_features, self.text_features, self.temperature)
-        _, maps = anomaly_maps(
+        raw, maps = anomaly_maps(
             features.patch_features,
             self.text_features,
             temperature=self.temperature,
             image_size=self.image_size,
             sigma=self.sigma,
         )
-        return scores, maps
+        if not self.has_references:
+            return scores, maps
+        distances = {
+            layer: nearest_neighbor_distance_blocks(
+                normalize_patch_tokens(tokens), [getattr(self, name) for name in self._reference_names[layer]]
+            )
+            for layer, tokens in features.patch_features.items()
+        }
+        fused = fuse_references(scores, raw, distances)
+        return fused.scores, gaussian_blur(fused.raw_maps, self.sigma)
 
 
 def _check_export_dependencies() -> None:
@@ -147,7 +177,7 @@ def _check_opset(opset: int | None) -> int:
 
 def _threshold_values(thresholds: Any) -> tuple[float | None, float | None]:
     """``(image, pixel)`` from a :class:`~anomalyclip.thresholds.Thresholds` (or anything with those attributes)."""
-    if thresholds is None:
+    if thresholds is None or thresholds is False:
         return None, None
     if not (hasattr(thresholds, "image") and hasattr(thresholds, "pixel")):
         raise InvalidInputError(
@@ -162,6 +192,23 @@ def _threshold_values(thresholds: Any) -> tuple[float | None, float | None]:
                 raise InvalidInputError(f"thresholds.{name} must be finite, got {value!r}.")
         values.append(value)
     return values[0], values[1]
+
+
+def _model_thresholds(model: Any, config: Any) -> Any:
+    """The model's own thresholds, when the export computes the outputs they were chosen for."""
+    own = getattr(model, "thresholds", None)
+    if own is None:
+        return None
+    changed = [name for name in ("image_size", "feature_layers") if getattr(config, name) != getattr(model.config, name)]
+    if changed:
+        logger.warning(
+            "Not storing the model's thresholds %s: they were chosen for another %s than the export's. Calibrate at "
+            "the export's settings, or pass thresholds= (--threshold / --pixel-threshold).",
+            own,
+            " and ".join(changed),
+        )
+        return None
+    return own
 
 
 @contextlib.contextmanager
@@ -200,10 +247,15 @@ def export_onnx(
     The graph: input ``pixel_values`` float32 ``[B, 3, S, S]`` (dynamic batch B, normalized as
     :meth:`AnomalyCLIP.preprocess <anomalyclip.AnomalyCLIP.preprocess>` does), outputs ``scores``
     float32 ``[B]`` and ``anomaly_maps`` float32 ``[B, S, S]`` (blurred; the same values as
-    ``model(pixel_values)``). The text features and the Gaussian blur are in the graph; the
-    metadata (:class:`~anomalyclip.onnx.OnnxMetadata`) holds S, mean/std, the output layers,
-    the thresholds when given and the library version. Weights go to ``<path>.data`` only when
-    they exceed the 2 GiB protobuf limit (never for ViT-L/14 in float32, 1.2 GB).
+    ``model(pixel_values)``). The text features and the Gaussian blur are in the graph, and so
+    are the model's few-shot references when it has them (:meth:`AnomalyCLIP.add_references
+    <anomalyclip.AnomalyCLIP.add_references>`): their patch tokens are float32 constants
+    searched in blocks of the memory's ``chunk_elements`` per image, and the outputs are the
+    fused score and map. The metadata (:class:`~anomalyclip.onnx.OnnxMetadata`) holds S,
+    mean/std, the output layers, the thresholds when given, the number of reference images and
+    the library version. Weights go to ``<path>.data`` only when they exceed the 2 GiB protobuf
+    limit (never for ViT-L/14 in float32, 1.2 GB; references add ``4 * D`` bytes per patch and
+    output layer, 4.2 MB per 518 px image and layer for ViT-L/14).
 
     The model itself is not changed. The file is written to a temporary name and renamed.
 
@@ -217,36 +269,39 @@ def export_onnx(
             (weights and vision compute in float16, for GPU providers; inputs and outputs stay
             float32, the scoring runs in float32 as in the torch model).
         opset: ONNX opset, :data:`MIN_OPSET` or newer (default :data:`DEFAULT_OPSET`).
-        thresholds: a :class:`~anomalyclip.thresholds.Thresholds` to store; the runtime then
-            labels and masks by default.
+        thresholds: the :class:`~anomalyclip.thresholds.Thresholds` to store (the runtime then
+            labels and masks by default); ``None`` (default): the model's own
+            :attr:`~anomalyclip.AnomalyCLIP.thresholds`, unless the export changes the image
+            size or the output layers they were chosen for (then none, with a warning);
+            ``False``: none.
 
     Returns:
         ``path``.
 
     Raises:
         InvalidInputError: an unsupported dtype or opset, an image size that is not a multiple
-            of the patch size, output layers out of range.
+            of the patch size, output layers out of range; references computed at another
+            image size or with other output layers than the export's, or from tiles.
         ImportError: onnx / onnxscript are not installed (``pip install "anomalyclip[onnx]"``).
     """
     _check_export_dependencies()
-    if getattr(model, "num_references", 0):
-        # Exporting only the zero-shot part of a few-shot model would be a silent wrong answer.
-        raise InvalidInputError(
-            f"This model has {model.num_references} few-shot reference images; their export to ONNX is not "
-            "supported yet. Export the zero-shot model (model.clear_references() first) or run the torch model."
-        )
     dtype_name, torch_dtype = _export_dtype(dtype)
     opset = _check_opset(opset)
-    image_threshold, pixel_threshold = _threshold_values(thresholds)
     config = model.config.replace(
         image_size=image_size, feature_layers=tuple(feature_layers) if feature_layers is not None else None
     )
+    if thresholds is None:
+        thresholds = _model_thresholds(model, config)
+    image_threshold, pixel_threshold = _threshold_values(thresholds)
     patch = model.patch_size
     if config.image_size % patch:
         raise InvalidInputError(
             f"image_size={config.image_size} is not a multiple of the patch size {patch} "
             f"(e.g. {max(1, round(config.image_size / patch)) * patch})."
         )
+    memory = getattr(model, "references", None)
+    if memory is not None:
+        _check_references(memory, config, patch)
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"'{path}' is a directory; pass the .onnx file to write, e.g. {path / 'anomalyclip.onnx'}.")
@@ -265,6 +320,7 @@ def export_onnx(
         dpam_mode=config.dpam_mode,
         temperature=config.temperature,
         sigma=config.sigma,
+        reference_blocks=None if memory is None else _cpu_blocks(memory, (config.image_size // patch) ** 2),
     ).eval()
     # Batch 2: an example batch of 1 would let torch.export specialize the batch axis to 1.
     example = torch.zeros(2, 3, config.image_size, config.image_size)
@@ -292,6 +348,7 @@ def export_onnx(
         library_version=__version__,
         image_threshold=image_threshold,
         pixel_threshold=pixel_threshold,
+        references=0 if memory is None else memory.num_images,
         model={
             "backbone": config.backbone,
             "dpam_layers": config.dpam_layers,
@@ -307,6 +364,22 @@ def export_onnx(
     _save_atomically(program, path, external)
     logger.info("Wrote %s (%.1f MB%s)", path, path.stat().st_size / 1e6, ", weights in " + path.name + ".data" if external else "")
     return path
+
+
+def _cpu_blocks(memory: Any, patches_per_image: int) -> dict[int, list[torch.Tensor]]:
+    return {layer: [b.cpu() for b in blocks] for layer, blocks in memory.blocks(patches_per_image).items()}
+
+
+def _check_references(memory: Any, config: Any, patch: int) -> None:
+    """The model's reference memory must fit the export's settings and the runtime's untiled images."""
+    memory.check_compatible(image_size=config.image_size, feature_layers=config.feature_layers, embed_dim=config.embed_dim)
+    if memory.tile_size is not None:
+        # The runtime scores whole images; tile-scale reference patches would not match theirs.
+        raise InvalidInputError(
+            f"The references were taken from {memory.tile_size} px tiles, but an ONNX export scores whole images "
+            "(the runtime does not tile). Add the references without tile_size (model.clear_references(), then "
+            "model.add_references(images)) to export them, or keep tiled inspection on the torch model."
+        )
 
 
 def _save_atomically(program: Any, path: Path, external: bool) -> None:

@@ -14,7 +14,15 @@ from typing import Any, Mapping
 
 from ..errors import CheckpointError
 
-__all__ = ["OnnxMetadata", "FORMAT_VERSION", "FORMAT_KEY", "INPUT_NAME", "OUTPUT_NAMES", "EXPORT_DTYPES"]
+__all__ = [
+    "OnnxMetadata",
+    "FORMAT_VERSION",
+    "FORMAT_KEY",
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
+    "EXPORT_DTYPES",
+    "REFERENCE_BUFFER_PREFIX",
+]
 
 #: Version of the exported file's layout (inputs, outputs, metadata); bumped on incompatible changes.
 FORMAT_VERSION = 1
@@ -26,6 +34,9 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("scores", "anomaly_maps")
 #: Weight / compute dtypes an export can have (inputs and outputs are float32 either way).
 EXPORT_DTYPES = ("float32", "float16")
+#: Name prefix of the graph's few-shot reference memory constants (``<prefix><layer>_<block>``);
+#: the int8 quantization leaves the matrix products that read them in float32.
+REFERENCE_BUFFER_PREFIX = "reference_memory_"
 
 _EXPORT_HINT = (
     "Export one with `anomalyclip export --model MODEL --format onnx --out FILE` or AnomalyCLIP.export_onnx(FILE)."
@@ -39,14 +50,15 @@ class OnnxMetadata:
     Attributes:
         image_size: processing size S; the graph takes ``[B, 3, S, S]`` and returns ``[B, S, S]`` maps.
         mean, std: per-channel normalization of ``[0, 1]`` RGB images.
-        feature_layers: the output layers summed in the maps (maps range over ``[0, len(feature_layers)]``).
+        feature_layers: the output layers summed in the maps (maps range over ``[0, n]`` with
+            ``n = len(feature_layers)``, or ``[0, 3 n]`` with references; see :attr:`map_range`).
         patch_size: the ViT patch size; images must be at least this large on each side.
         dtype: ``"float32"`` or ``"float16"`` weights and compute (inputs and outputs are float32).
         library_version: the anomalyclip version that wrote the file.
         image_threshold, pixel_threshold: decision thresholds stored at export (None if not set).
         quantization: ``None``, or ``"int8-dynamic"`` for a :func:`~anomalyclip.onnx.quantize_int8` copy.
-        references: number of few-shot reference images whose features are constants of the
-            graph (0: zero-shot).
+        references: number of few-shot reference images whose patch features are constants
+            of the graph (0: zero-shot); their scores and maps are fused, as the torch model's.
         model: provenance, for people (backbone reference, DPAM layers and mode, blur sigma,
             temperature); the runtime does not use it.
         format_version: :data:`FORMAT_VERSION` of the writer.
@@ -65,6 +77,12 @@ class OnnxMetadata:
     references: int = 0
     model: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """The range of the anomaly maps, for a fixed overlay colour scale (as ``AnomalyCLIP.map_range``)."""
+        n = float(len(self.feature_layers))
+        return (0.0, 3.0 * n if self.references else n)
 
     def to_props(self) -> dict[str, str]:
         """``metadata_props`` entries: ``anomalyclip.<field>`` -> JSON (None fields are left out)."""
@@ -131,5 +149,7 @@ class OnnxMetadata:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 problems.append(f"{name} {value!r}")
+        if not (isinstance(self.references, int) and self.references >= 0):
+            problems.append(f"references {self.references!r}")
         if problems:
             raise CheckpointError(f"'{source}': invalid anomalyclip metadata: {', '.join(problems)}. Re-export the model.")

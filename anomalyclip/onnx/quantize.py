@@ -1,7 +1,7 @@
 """onnxruntime dynamic int8 quantization of an export (smaller file; speed depends on the CPU).
 
 Weights of the matrix products become int8 (per output channel); activations are quantized on
-the fly per tensor. The deviation from float32 is measured, not assumed: see
+the fly per tensor. The few-shot references' nearest-neighbour products stay float32. The deviation from float32 is measured, not assumed: see
 ``benchmarks/bench_onnx.py`` and docs/benchmarks.md. No torch needed.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, InvalidInputError
-from .metadata import OnnxMetadata
+from .metadata import REFERENCE_BUFFER_PREFIX, OnnxMetadata
 
 __all__ = ["quantize_int8", "QUANTIZATION"]
 
@@ -74,6 +74,25 @@ def _gemm_to_matmul(model: Any) -> int:
     return rewritten
 
 
+def _reference_products(model: Any, metadata: OnnxMetadata, source: str) -> list[str]:
+    """Names of the ``MatMul`` nodes of the few-shot nearest-neighbour search, kept in float32.
+
+    Their "weights" are the reference memory: quantizing it to int8 would move cosine
+    similarities near 1 by about 1e-2, the size of the distances that make the reference map.
+    """
+    names = [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul" and any(name.startswith(REFERENCE_BUFFER_PREFIX) for name in node.input)
+    ]
+    if metadata.references and (len(names) < len(metadata.feature_layers) or not all(names)):
+        raise CheckpointError(
+            f"'{source}' holds {metadata.references} reference image(s), but its nearest-neighbour products were not "
+            "found in the graph (renamed by another tool?). Quantize the file written by anomalyclip export."
+        )
+    return names
+
+
 def quantize_int8(source: str | os.PathLike, destination: str | os.PathLike, *, per_channel: bool = True) -> Path:
     """Write an onnxruntime dynamic-int8 copy of the anomalyclip export ``source`` to ``destination``.
 
@@ -121,7 +140,15 @@ def quantize_int8(source: str | os.PathLike, destination: str | os.PathLike, *, 
         )
         model = onnx.load(str(prepared))
         _gemm_to_matmul(model)
-        quantize_dynamic(model, tmp, per_channel=per_channel, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        exclude = _reference_products(model, metadata, str(source))
+        quantize_dynamic(
+            model,
+            tmp,
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=exclude,
+        )
         quantized = onnx.load(str(tmp))
         entries = {p.key: p.value for p in quantized.metadata_props}
         entries.update(props)  # the source's metadata, whatever the quantizer kept

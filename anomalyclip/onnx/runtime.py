@@ -150,6 +150,17 @@ class OnnxAnomalyCLIP:
         return self.metadata.image_size
 
     @property
+    def num_references(self) -> int:
+        """How many few-shot reference images the export holds (0: zero-shot)."""
+        return self.metadata.references
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """The anomaly maps' range, ``(0, n)`` for n output layers or ``(0, 3 n)`` with references:
+        a fixed overlay colour scale, as ``AnomalyCLIP.map_range``."""
+        return self.metadata.map_range
+
+    @property
     def providers(self) -> list[str]:
         """The execution providers the session uses, in order."""
         return list(self.session.get_providers())
@@ -158,7 +169,8 @@ class OnnxAnomalyCLIP:
         m = self.metadata
         return (
             f"OnnxAnomalyCLIP('{self.path}', image_size={m.image_size}, feature_layers={list(m.feature_layers)}, "
-            f"dtype={m.dtype}{', ' + m.quantization if m.quantization else ''}, providers={self.providers})"
+            f"dtype={m.dtype}{', ' + m.quantization if m.quantization else ''}"
+            f"{f', references={m.references}' if m.references else ''}, providers={self.providers})"
         )
 
     # ------------------------------------------------------------------ array API

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ._version import __version__
 from .data.datasets import FORMATS
@@ -180,9 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="normal reference images or folders, added to the model's own before export (few-shot, in the graph)",
     )
     p.add_argument("--coreset", type=float, default=None, help="keep this fraction of the reference patches (greedy coreset)")
-    p.add_argument("--threshold", type=float, default=None, help="image-score threshold stored in the file (labels by default)")
-    p.add_argument("--pixel-threshold", type=float, default=None, help="map threshold stored in the file (masks by default)")
-    p.add_argument("--no-thresholds", action="store_true", help="store no thresholds (default: the model's saved ones, if any)")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="image-score threshold stored in the file, instead of the model's (labels by default)"
+    )
+    p.add_argument(
+        "--pixel-threshold", type=float, default=None, help="map threshold stored in the file, instead of the model's (masks by default)"
+    )
+    p.add_argument(
+        "--no-thresholds", action="store_true", help="store none of the model's saved thresholds (only --threshold / --pixel-threshold)"
+    )
     p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
     p.set_defaults(handler=_export)
     return parser
@@ -341,24 +347,23 @@ def _export(args: argparse.Namespace) -> int:
 
     from .errors import InvalidInputError
     from .model import AnomalyCLIP
-    from .eval.thresholds import Thresholds
 
     if args.quantize and args.dtype != "float32":
         raise InvalidInputError("--quantize int8 starts from a float32 export; drop --dtype float16.")
-    thresholds = False if args.no_thresholds else None  # None: the model's own
-    if args.threshold is not None or args.pixel_threshold is not None:
-        if args.no_thresholds:
-            raise InvalidInputError("--no-thresholds contradicts --threshold / --pixel-threshold; pass one or the other.")
-        thresholds = Thresholds(image=args.threshold, pixel=args.pixel_threshold)
     if args.coreset is not None and not args.references:
         raise InvalidInputError("--coreset applies to --references; add --references DIR.")
     model = AnomalyCLIP.from_pretrained(args.model, device="cpu", cache_dir=args.cache_dir)
     if args.references:
-        if args.image_size is not None or args.feature_layers is not None:
-            # references are taken at the settings the export runs with
-            model.reconfigure(image_size=args.image_size, feature_layers=args.feature_layers)
-        model.add_references(collect_images(args.references), coreset=args.coreset, progress=not args.quiet)
-    options = dict(image_size=args.image_size, feature_layers=args.feature_layers, dtype=args.dtype, opset=args.opset, thresholds=thresholds)
+        _add_export_references(model, args)
+    options = dict(
+        image_size=args.image_size,
+        feature_layers=args.feature_layers,
+        dtype=args.dtype,
+        opset=args.opset,
+        thresholds=False if args.no_thresholds else None,  # None: the model's own
+        image_threshold=args.threshold,
+        pixel_threshold=args.pixel_threshold,
+    )
     out = Path(args.out)
     if args.quantize:
         from .onnx.quantize import quantize_int8
@@ -371,6 +376,33 @@ def _export(args: argparse.Namespace) -> int:
         model.export_onnx(out, **options)
     logger.info("Wrote %s; run it with anomalyclip.onnx.OnnxAnomalyCLIP(%r).predict(images)", out, str(out))
     return 0
+
+
+def _add_export_references(model: Any, args: argparse.Namespace) -> None:
+    """``export --references``: add them at the export's settings, to the model's own if it has any."""
+    settings = {"image_size": args.image_size, "feature_layers": args.feature_layers}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    own = model.references
+    if settings and own is not None:
+        found = own.mismatches(
+            image_size=settings.get("image_size", model.config.image_size),
+            feature_layers=settings.get("feature_layers", model.config.feature_layers),
+        )
+        if found:
+            raise InvalidInputError(
+                "--references adds to the model's own references, taken with "
+                + " and ".join(f"{name} {ours}" for name, ours, _ in found)
+                + "; drop --image-size / --feature-layers (or export a model without references)."
+            )
+    had_thresholds = model.thresholds is not None
+    if settings:
+        model.reconfigure(**settings)  # references are taken at the settings the export runs with
+    model.add_references(collect_images(args.references), coreset=args.coreset, progress=not args.quiet)
+    if had_thresholds and args.threshold is None and args.pixel_threshold is None and not args.no_thresholds:
+        logger.warning(
+            "The model's saved thresholds do not hold with the added references; the file stores none. Pass "
+            "--threshold / --pixel-threshold chosen for the fused outputs to store some."
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -288,7 +288,9 @@ class AnomalyCLIP(nn.Module):
             )
         model = cls._from_files(files, **load)
         if references_file is not None:
+            thresholds = model.thresholds  # a profile's thresholds were chosen with its references
             model.references = ReferenceMemory.load(references_file)
+            model.thresholds = thresholds
         return model
 
     @classmethod
@@ -463,9 +465,7 @@ class AnomalyCLIP(nn.Module):
                 self.config.backbone,
             )
         if self._references is not None:  # a profile whose references cannot run is never written
-            self._references.check_compatible(
-                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
-            )
+            self._references.check_compatible(**self._reference_settings())
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.prompts.state_dict().items()}
@@ -576,13 +576,22 @@ class AnomalyCLIP(nn.Module):
             )
             self.config = dataclasses.replace(self.config, thresholds=None)
 
+    def _reference_settings(self, image_size: int | None = None) -> dict[str, Any]:
+        """The settings a reference memory must share with this model (``check_compatible`` keywords)."""
+        c = self.config
+        return dict(
+            image_size=c.image_size if image_size is None else image_size,
+            feature_layers=c.feature_layers,
+            embed_dim=c.embed_dim,
+            dpam_layers=c.dpam_layers,
+            dpam_mode=c.dpam_mode,
+        )
+
     def _warn_if_references_stale(self) -> None:
         if self._references is None:
             return
         try:
-            self._references.check_compatible(
-                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
-            )
+            self._references.check_compatible(**self._reference_settings())
         except InvalidInputError as exc:
             logger.warning("%s Until then, forward/predict raise this error.", exc)
 
@@ -760,9 +769,7 @@ class AnomalyCLIP(nn.Module):
     def _fuse_references(self, out: AnomalyOutput, image_size: int) -> AnomalyOutput:
         """Add the reference part to a zero-shot output (the fusion of ``docs/fewshot.md``)."""
         memory = cast(ReferenceMemory, self._references)
-        memory.check_compatible(
-            image_size=image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
-        )
+        memory.check_compatible(**self._reference_settings(image_size))
         if memory.device != self.device:
             memory.to(self.device)
         distances = memory.distances(out.patch_features)  # layer -> [B, G*G]
@@ -782,7 +789,8 @@ class AnomalyCLIP(nn.Module):
     @property
     def references(self) -> ReferenceMemory | None:
         """The few-shot reference memory (None when zero-shot). Assign a
-        :class:`~anomalyclip.references.ReferenceMemory` or None to replace it."""
+        :class:`~anomalyclip.references.ReferenceMemory` or None to replace it; replacing it drops
+        the model's :attr:`thresholds` with a warning, as :meth:`add_references` does."""
         return self._references
 
     @references.setter
@@ -791,7 +799,10 @@ class AnomalyCLIP(nn.Module):
             raise InvalidInputError(
                 f"model.references takes an anomalyclip.references.ReferenceMemory or None, got {type(memory).__name__}."
             )
-        self._references = memory if memory is None or len(memory) else None
+        memory = memory if memory is None or len(memory) else None
+        if memory is not self._references:
+            self._references = memory
+            self._drop_thresholds("the references changed")
         self._warn_if_references_stale()
 
     @property
@@ -861,11 +872,11 @@ class AnomalyCLIP(nn.Module):
                 storage_dtype=storage_dtype if storage_dtype is not None else torch.float32,
                 tile_size=tile_size,
                 tile_overlap=tile_overlap if tile_size is not None else None,
+                dpam_layers=self.config.dpam_layers,
+                dpam_mode=self.config.dpam_mode,
             )
         else:
-            memory.check_compatible(
-                image_size=self.config.image_size, feature_layers=self.config.feature_layers, embed_dim=self.config.embed_dim
-            )
+            memory.check_compatible(**self._reference_settings())
             if memory.tile_size != tile_size:
                 raise InvalidInputError(
                     f"The memory holds references taken with tile_size={memory.tile_size}; these would be taken with "
@@ -1169,20 +1180,31 @@ class AnomalyCLIP(nn.Module):
         dtype: str = "float32",
         opset: int | None = None,
         thresholds: Thresholds | Literal[False] | None = None,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
     ) -> Path:
         """Export the model for deployment as ONNX: one file, run by :class:`anomalyclip.onnx.OnnxAnomalyCLIP`
         with onnxruntime, numpy and Pillow (no torch).
 
         Input ``pixel_values [B, 3, S, S]`` (float32, dynamic batch), outputs ``scores [B]`` and
         ``anomaly_maps [B, S, S]`` (blurred, as :meth:`forward`). Few-shot references and the
-        model's :attr:`thresholds` go into the file (``thresholds=False``: none). Every option is
+        model's :attr:`thresholds` go into the file (``thresholds=False``: none; ``image_threshold``
+        / ``pixel_threshold`` replace one of them, as in :meth:`predict`). Every option is
         documented at :func:`anomalyclip.onnx.export_onnx`. Returns the path written. Needs
         ``anomalyclip[onnx]``.
         """
         from .onnx.export import export_onnx
 
         return export_onnx(
-            self, path, image_size=image_size, feature_layers=feature_layers, dtype=dtype, opset=opset, thresholds=thresholds
+            self,
+            path,
+            image_size=image_size,
+            feature_layers=feature_layers,
+            dtype=dtype,
+            opset=opset,
+            thresholds=thresholds,
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
         )
 
     def finetune(self, data: Any, **options: Any):

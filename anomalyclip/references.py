@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -277,9 +277,9 @@ def _layers(value: Sequence[int]) -> tuple[int, ...]:
 class ReferenceMemory:
     """Per-layer memories of L2-normalized patch tokens of normal reference images.
 
-    It records what the tokens were computed with (``image_size``, ``feature_layers``, the
-    backbone and, when the references were tiled, the tile size and overlap), so that a model
-    whose settings changed refuses to mix them (:meth:`check_compatible`).
+    It records what the tokens were computed with (``image_size``, ``feature_layers``, the DPAM
+    settings, the backbone and, when the references were tiled, the tile size and overlap), so
+    that a model whose settings changed refuses to mix them (:meth:`check_compatible`).
 
     Attributes:
         image_size: the processing size S the reference tokens were computed at.
@@ -289,6 +289,8 @@ class ReferenceMemory:
         storage_dtype: float32 or float16.
         backbone: the backbone reference of the model that computed them.
         tile_size, tile_overlap: the tiling of the reference images, or None.
+        dpam_layers, dpam_mode: the DPAM settings of the model that computed them (None:
+            unknown, in files written before they were recorded; then not checked).
         chunk_elements: budget of one similarity block of the search.
     """
 
@@ -301,6 +303,8 @@ class ReferenceMemory:
         storage_dtype: torch.dtype | str = torch.float32,
         tile_size: int | None = None,
         tile_overlap: float | None = None,
+        dpam_layers: int | None = None,
+        dpam_mode: str | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         self.image_size = int(image_size)
@@ -309,6 +313,8 @@ class ReferenceMemory:
         self.storage_dtype = resolve_storage_dtype(storage_dtype)
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        self.dpam_layers = None if dpam_layers is None else int(dpam_layers)
+        self.dpam_mode = dpam_mode
         self.chunk_elements = int(chunk_elements)
         self.memories: dict[int, torch.Tensor] = {}
         self.num_images = 0
@@ -366,40 +372,61 @@ class ReferenceMemory:
         self.memories = {k: v.to(device) for k, v in self.memories.items()}
         return self
 
-    def blocks(self, patches_per_image: int) -> dict[int, list[torch.Tensor]]:
+    def blocks(self, patches_per_image: int, device: torch.device | str | None = None) -> dict[int, list[torch.Tensor]]:
         """Each layer's memory as float32 ``[D, m]`` blocks for :func:`nearest_neighbor_distance_blocks`.
 
         ``m`` is the most rows with ``patches_per_image * m <= chunk_elements`` (at least 1), so
         one block's similarities take at most :attr:`chunk_elements` elements per image. The
-        blocks are float32 copies on the memory's device, whatever the storage dtype.
+        blocks are float32 copies on ``device`` (default: the memory's), whatever the storage
+        dtype; each is moved there before it is widened.
         """
         if patches_per_image < 1:
             raise InvalidInputError(f"patches_per_image must be >= 1, got {patches_per_image}.")
         rows = max(1, self.chunk_elements // int(patches_per_image))
         return {
-            layer: [block.float().T.contiguous() for block in memory.split(rows)] for layer, memory in self.memories.items()
+            layer: [block.to(device if device is not None else block.device).float().T.contiguous() for block in memory.split(rows)]
+            for layer, memory in self.memories.items()
         }
 
     def nbytes(self) -> int:
         """Bytes held by the memories."""
         return sum(t.numel() * t.element_size() for t in self.memories.values())
 
-    def check_compatible(self, *, image_size: int, feature_layers: Sequence[int], embed_dim: int | None = None) -> None:
-        """Raise :class:`InvalidInputError` when a model with these settings cannot use the memory."""
-        problems = []
+    def mismatches(
+        self,
+        *,
+        image_size: int,
+        feature_layers: Sequence[int],
+        embed_dim: int | None = None,
+        dpam_layers: int | None = None,
+        dpam_mode: str | None = None,
+    ) -> list[tuple[str, object, object]]:
+        """``(setting, the references' value, the given value)`` for every setting that differs
+        (settings given as None, or unknown to the memory, are not compared)."""
+        found: list[tuple[str, object, object]] = []
         if int(image_size) != self.image_size:
-            problems.append(f"image_size {self.image_size} (the model now runs {image_size})")
+            found.append(("image_size", self.image_size, int(image_size)))
         if _layers(feature_layers) != self.feature_layers:
-            problems.append(f"feature_layers {list(self.feature_layers)} (the model now uses {list(feature_layers)})")
+            found.append(("feature_layers", list(self.feature_layers), list(_layers(feature_layers))))
         if embed_dim is not None and self.memories:
             dim = int(next(iter(self.memories.values())).shape[1])
             if dim != int(embed_dim):
-                problems.append(f"embedding dim {dim} (the model's is {embed_dim})")
-        if problems:
+                found.append(("embedding dim", dim, int(embed_dim)))
+        for name, ours, given in (("dpam_layers", self.dpam_layers, dpam_layers), ("dpam_mode", self.dpam_mode, dpam_mode)):
+            if ours is not None and given is not None and ours != given:
+                found.append((name, ours, given))
+        return found
+
+    def check_compatible(self, **settings: Any) -> None:
+        """Raise :class:`InvalidInputError` when a model with these settings (the keywords of
+        :meth:`mismatches`) cannot use the memory."""
+        found = self.mismatches(**settings)
+        if found:
             raise InvalidInputError(
-                "The references were computed with " + " and ".join(problems) + ": their patch tokens do not "
-                "match the model's. Call model.clear_references() and add the references again with the "
-                "current settings, or set the model back (model.reconfigure(...))."
+                "The references were computed with "
+                + " and ".join(f"{name} {ours} (the model now has {given})" for name, ours, given in found)
+                + ": their patch tokens do not match the model's. Call model.clear_references() and add the "
+                "references again with the current settings, or set the model back (model.reconfigure(...))."
             )
 
     def distances(self, patch_features: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -419,6 +446,8 @@ class ReferenceMemory:
             "num_images": str(self.num_images),
             "tile_size": json.dumps(self.tile_size),
             "tile_overlap": json.dumps(self.tile_overlap),
+            "dpam_layers": json.dumps(self.dpam_layers),
+            "dpam_mode": json.dumps(self.dpam_mode),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -463,6 +492,8 @@ class ReferenceMemory:
                 storage_dtype=meta["dtype"],
                 tile_size=json.loads(meta.get("tile_size", "null")),
                 tile_overlap=json.loads(meta.get("tile_overlap", "null")),
+                dpam_layers=json.loads(meta.get("dpam_layers", "null")),
+                dpam_mode=json.loads(meta.get("dpam_mode", "null")),
             )
             memory.num_images = int(meta["num_images"])
         except (KeyError, ValueError, TypeError, InvalidInputError) as exc:

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from scipy.ndimage import gaussian_filter
 
-from anomalyclip import AnomalyCLIP, CheckpointError, DatasetError, InvalidInputError, evaluate, load_dataset
+from anomalyclip import AnomalyCLIP, CheckpointError, DatasetError, InvalidInputError, Thresholds, evaluate, load_dataset
 from anomalyclip.cli import main
 from anomalyclip.data.datasets import draw_shots, load_reference_pool
 from anomalyclip.data.synthetic import make_synthetic_arrays, make_synthetic_dataset
@@ -277,8 +277,9 @@ def test_changed_settings_never_mix_with_references(model, caplog, tmp_path):
     with caplog.at_level("WARNING", logger="anomalyclip.model"):
         model.reconfigure(image_size=224)
     assert "image_size 112" in caplog.text
+    dpam_layers = model.config.dpam_layers
     try:
-        with pytest.raises(InvalidInputError, match=r"image_size 112 \(the model now runs 224\).*clear_references"):
+        with pytest.raises(InvalidInputError, match=r"image_size 112 \(the model now has 224\).*clear_references"):
             model.predict(IMAGE_A)
         with pytest.raises(InvalidInputError, match="image_size 112"):
             model.save_pretrained(tmp_path / "stale")  # never writes a profile that cannot run
@@ -288,8 +289,11 @@ def test_changed_settings_never_mix_with_references(model, caplog, tmp_path):
             model.predict(IMAGE_A)
         with pytest.raises(InvalidInputError, match="feature_layers"):
             model.add_references(IMAGE_B)
+        model.reconfigure(feature_layers=MULTI, dpam_layers=dpam_layers - 1)
+        with pytest.raises(InvalidInputError, match=r"dpam_layers \d+ \(the model now has \d+\)"):
+            model.predict(IMAGE_A)  # DPAM changes the patch tokens too
     finally:
-        model.reconfigure(image_size=SIZE, feature_layers=MULTI)
+        model.reconfigure(image_size=SIZE, feature_layers=MULTI, dpam_layers=dpam_layers)
     model.predict(IMAGE_A)  # back to the settings of the references
 
 
@@ -303,6 +307,8 @@ def test_references_round_trip_through_save_pretrained(model, tmp_path):
     assert tensors["layer_24"].shape == (2 * GRID**2, 32) and tensors["layer_24"].dtype == torch.float16
     loaded = AnomalyCLIP.from_pretrained(out, device="cpu")
     assert loaded.num_references == 2 and loaded.references.feature_layers == MULTI
+    dpam = (model.config.dpam_layers, model.config.dpam_mode)
+    assert (loaded.references.dpam_layers, loaded.references.dpam_mode) == dpam
     for layer in MULTI:
         assert torch.equal(loaded.references.memories[layer], model.references.memories[layer])
     px = model.preprocess(IMAGE_A)
@@ -322,6 +328,21 @@ def test_references_round_trip_through_save_pretrained(model, tmp_path):
     model.clear_references()
     model.save_pretrained(out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_references_files_without_dpam_settings_still_load(model, tmp_path):
+    """Files written before the DPAM settings were recorded: loaded, those settings unchecked."""
+    from safetensors.torch import save_file
+
+    model.add_references(IMAGE_B)
+    memory = model.references
+    meta = {k: v for k, v in memory.metadata().items() if k not in ("dpam_layers", "dpam_mode")}
+    save_file({f"layer_{k}": v.contiguous() for k, v in memory.memories.items()}, str(tmp_path / "old.safetensors"), metadata=meta)
+    old = ReferenceMemory.load(tmp_path / "old.safetensors")
+    assert (old.dpam_layers, old.dpam_mode) == (None, None)
+    settings = model._reference_settings()
+    assert old.mismatches(**{**settings, "dpam_layers": 3, "dpam_mode": "qq"}) == []
+    assert [m[0] for m in memory.mismatches(**{**settings, "dpam_layers": 3, "dpam_mode": "qq"})] == ["dpam_layers", "dpam_mode"]
 
 
 def test_corrupt_references_file_is_a_checkpoint_error(model, tmp_path):
@@ -425,10 +446,11 @@ def test_evaluate_shots_matches_an_independent_computation(model, textures):
     from anomalyclip.preprocessing import mask_array
 
     dataset = load_dataset(textures, "mvtec").subset("texture_b")
-    model.add_references(IMAGE_B)  # the model's own references survive the protocol
+    model.add_references(IMAGE_B)  # the model's own references and thresholds survive the protocol
     own = model.references
+    model.thresholds = Thresholds(image=0.4, pixel=1.5)
     report = evaluate(model, dataset, shots=2, seed=5, progress=False)
-    assert model.references is own
+    assert model.references is own and model.thresholds == Thresholds(image=0.4, pixel=1.5)
     assert report.settings["shots"] == 2 and report.settings["seed"] == 5
     pool = load_reference_pool(textures, "mvtec")
     for name in ("texture_b",):

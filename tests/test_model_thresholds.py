@@ -119,6 +119,8 @@ def test_adding_or_clearing_references_drops_stale_thresholds(fresh_model, caplo
     assert "Dropping the model's thresholds" in caplog.text and "references changed" in caplog.text
     calibrated = fresh_model.calibrate([IMAGE_B])  # with the references: kept
     assert fresh_model.thresholds == calibrated
+    fresh_model.references = fresh_model.references  # the same memory: kept
+    assert fresh_model.thresholds == calibrated
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="anomalyclip"):
         fresh_model.clear_references()

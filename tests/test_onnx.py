@@ -235,12 +235,16 @@ def test_save_is_atomic_and_removes_stale_weights(tmp_path):
 
 
 def test_float16_export(model, exported):
-    path = exported(224, "top", dtype="float16")
+    """float16 weights and vision compute, here with few-shot references (which stay float32 constants)."""
+    path = exported(224, "top", "float32", dtype="float16")
     runtime = OnnxAnomalyCLIP(path)
-    assert runtime.metadata.dtype == "float16"
-    weights = [t for t in onnx.load(str(path)).graph.initializer if t.dims and np.prod(t.dims) >= 128 * 128]
+    assert runtime.metadata.dtype == "float16" and runtime.num_references == 1
+    initializers = onnx.load(str(path)).graph.initializer
+    weights = [t for t in initializers if t.dims and np.prod(t.dims) >= 128 * 128 and not t.name.startswith(REFERENCE_BUFFER_PREFIX)]
     assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
-    _, out, _ = _torch_reference(model, 224, "top", [IMAGE_A, IMAGE_B])
+    memory = [t for t in initializers if t.name.startswith(REFERENCE_BUFFER_PREFIX)]
+    assert memory and all(t.data_type == TensorProto.FLOAT for t in memory)
+    _, out, _ = _torch_reference(model, 224, "top", [IMAGE_A, IMAGE_B], "float32")
     scores, maps = runtime.run(runtime.preprocess([IMAGE_A, IMAGE_B]))  # float32 in, float32 out
     assert scores.dtype == np.float32 and maps.dtype == np.float32
     # float16 weights and activations: close to float32, not equal.
@@ -382,15 +386,41 @@ def test_cli_export_of_an_inspection_profile(model, tmp_path):
     assert loaded.num_references == 1 and loaded.thresholds == thresholds
 
     out = tmp_path / "profile.onnx"
-    assert main(["-q", "export", "--model", str(profile), "--format", "onnx", "--out", str(out)]) == 0
+    pixel = thresholds.pixel + 0.25  # replaces the saved pixel threshold only, as predict --pixel-threshold does
+    assert main(["-q", "export", "--model", str(profile), "--format", "onnx", "--out", str(out), "--pixel-threshold", str(pixel)]) == 0
     runtime = OnnxAnomalyCLIP(out)
     assert runtime.num_references == 1 and runtime.metadata.feature_layers == (6, 12, 18, 24)
-    assert (runtime.metadata.image_threshold, runtime.metadata.pixel_threshold) == (thresholds.image, thresholds.pixel)
-    ours, theirs = runtime.predict(BATCH_3), loaded.predict(BATCH_3)
+    assert (runtime.metadata.image_threshold, runtime.metadata.pixel_threshold) == (thresholds.image, pixel)
+    ours, theirs = runtime.predict(BATCH_3), loaded.predict(BATCH_3, pixel_threshold=pixel)
     for a, b in zip(ours, theirs):
         assert abs(a.score - b.score) <= 1e-4 and _max_abs(a.anomaly_map, b.anomaly_map) <= 1e-3
         assert a.label == b.label and np.array_equal(a.mask, b.mask)
     assert [r.label for r in ours] == [1, 0, 1]  # the defective image flagged, the normal one passed
+
+
+def test_cli_export_adds_references(model, tmp_path, caplog):
+    """``export --references --coreset`` from a zero-shot model with saved thresholds (which no longer hold)."""
+    saved = tmp_path / "model"
+    model.thresholds = Thresholds(image=0.5, pixel=1.0)
+    model.save_pretrained(saved)
+    model.thresholds = None
+    out = tmp_path / "few-shot.onnx"
+    args = ["export", "--model", str(saved), "--format", "onnx", "--out", str(out), "--image-size", "224",
+            "--feature-layers", "6", "12", "18", "24", "--references", str(IMAGE_B), "--coreset", "0.5"]
+    with caplog.at_level(logging.WARNING, logger="anomalyclip"):
+        assert main(["-q", *args]) == 0
+    assert "Dropping the model's thresholds" in caplog.text
+    runtime = OnnxAnomalyCLIP(out)
+    assert runtime.num_references == 1
+    assert (runtime.metadata.image_threshold, runtime.metadata.pixel_threshold) == (None, None)
+    with _configured(model, 224, "multi"):
+        model.add_references([IMAGE_B], coreset=0.5)
+        assert len(model.references) == 128  # half of the 16 x 16 patches
+        pixel_values = model.preprocess(BATCH_3)
+        with torch.inference_mode():
+            expected = model(pixel_values)
+    scores, maps = runtime.run(pixel_values.numpy())
+    assert _max_abs(scores, expected.scores) <= 1e-4 and _max_abs(maps, expected.anomaly_maps) <= 1e-3
 
 
 def test_cli_export_bad_options(tmp_path, capsys):
@@ -401,10 +431,21 @@ def test_cli_export_bad_options(tmp_path, capsys):
         main(["export", "--format", "onnx", "--out", out, "--dtype", "bfloat16"])
     code = main(["export", "--format", "onnx", "--out", out, "--quantize", "int8", "--dtype", "float16"])
     assert code == 2 and "float32 export" in capsys.readouterr().err
-    code = main(["export", "--format", "onnx", "--out", out, "--no-thresholds", "--threshold", "0.5"])
-    assert code == 2 and "--no-thresholds contradicts" in capsys.readouterr().err
     code = main(["export", "--format", "onnx", "--out", out, "--coreset", "0.5"])
     assert code == 2 and "--coreset applies to --references" in capsys.readouterr().err
+
+
+def test_cli_export_references_at_other_settings_than_the_profiles_are_refused(model, tmp_path, capsys):
+    profile = tmp_path / "profile"
+    with _configured(model, 224, "top", "float32"):
+        model.save_pretrained(profile)
+    out = str(tmp_path / "x.onnx")
+    base = ["export", "--model", str(profile), "--format", "onnx", "--out", out]
+    assert main([*base, "--image-size", "518"]) == 2
+    assert "this export asks for image_size 518" in capsys.readouterr().err
+    assert main([*base, "--image-size", "518", "--references", str(IMAGE_A)]) == 2
+    assert "--references adds to the model's own references, taken with image_size 224" in capsys.readouterr().err
+    assert not Path(out).exists()
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -513,13 +554,20 @@ def test_unsupported_export_options(model, tmp_path, options, message):
     assert not list(tmp_path.iterdir())
 
 
-def test_references_the_export_cannot_use_are_refused(model, tmp_path):
-    """References of another image size, or taken from tiles, would give wrong maps: refused."""
+def test_references_the_export_cannot_use_are_refused(model, tmp_path, caplog):
+    """References of another image size, other layers or other DPAM settings, or taken from tiles,
+    would give wrong maps: refused, naming the fix for this export."""
     with _configured(model, 224, "top", "float32"):
-        with pytest.raises(InvalidInputError, match=r"image_size 224 \(the model now runs 518\).*clear_references"):
+        with pytest.raises(InvalidInputError, match=r"taken with image_size 224; this export asks for image_size 518.*drop --image-size"):
             model.export_onnx(tmp_path / "x.onnx", image_size=518)
-        with pytest.raises(InvalidInputError, match=r"feature_layers \[24\]"):
+        with pytest.raises(InvalidInputError, match=r"feature_layers \[24\]; this export asks for feature_layers \[6, 24\]"):
             model.export_onnx(tmp_path / "x.onnx", feature_layers=(6, 24))
+        config = model.config.replace(dpam_layers=model.config.dpam_layers - 1)
+        with pytest.raises(InvalidInputError, match="dpam_layers"):
+            export_module._check_references(model.references, config, torch.float32, torch.float32)
+        with caplog.at_level(logging.WARNING, logger="anomalyclip"):  # tokens of a bf16 model in a float32 graph
+            export_module._check_references(model.references, model.config, torch.bfloat16, torch.float32)
+        assert "come from this bfloat16 model" in caplog.text and "model.to(torch.float32)" in caplog.text
     with _configured(model, 224, "top"):
         model.add_references([IMAGE_B], tile_size=112)
         with pytest.raises(InvalidInputError, match="112 px tiles.*does not tile"):
@@ -527,14 +575,24 @@ def test_references_the_export_cannot_use_are_refused(model, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_export_stores_the_models_own_thresholds_for_its_own_settings(model, caplog):
+def test_stored_thresholds_resolve_as_predict_applies_them(model, caplog):
+    """Default: the model's own; explicit values win field by field; False: none; other settings: none."""
     with _configured(model, 224, "top"):
         model.thresholds = Thresholds(image=0.3, pixel=1.2)
-        assert export_module._model_thresholds(model, model.config) == Thresholds(image=0.3, pixel=1.2)
+        config = model.config
+        resolve = export_module._stored_thresholds
+        assert resolve(model, config, None, None, None) == (0.3, 1.2)
+        assert resolve(model, config, None, None, 0.9) == (0.3, 0.9)
+        assert resolve(model, config, False, None, None) == (None, None)
+        assert resolve(model, config, False, 0.5, None) == (0.5, None)
+        assert resolve(model, config, Thresholds(image=0.1, pixel=None), None, None) == (0.1, None)
         with caplog.at_level(logging.WARNING, logger="anomalyclip"):
-            other = model.config.replace(feature_layers=(6, 24))
-            assert export_module._model_thresholds(model, other) is None
+            other = config.replace(feature_layers=(6, 24))
+            assert resolve(model, other, None, None, None) == (None, None)
+            assert resolve(model, other, None, 0.5, None) == (0.5, None)
         assert "Not storing the model's thresholds" in caplog.text and "feature_layers" in caplog.text
+        with pytest.raises(InvalidInputError, match="pixel_threshold must be a finite number"):
+            resolve(model, config, None, None, float("nan"))
 
 
 def test_export_to_a_directory_is_refused(model, tmp_path):

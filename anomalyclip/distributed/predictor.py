@@ -115,8 +115,10 @@ class AnomalyCLIPPredictor:
         batch_size: images per forward pass (``predict``'s ``batch_size``).
         image_threshold, pixel_threshold, thresholds: as in :meth:`AnomalyCLIP.predict`
             (``thresholds``: a :class:`~anomalyclip.Thresholds` or its ``to_dict()`` form, False to
-            ignore the thresholds saved with the model, None to apply them). The image threshold
-            fills ``label``; the pixel threshold outlines masks on overlays.
+            ignore the thresholds saved with the model, None to apply them; with ``references``
+            the saved ones are dropped, as :meth:`AnomalyCLIP.add_references` drops them, so give
+            thresholds chosen for the fused outputs). The image threshold fills ``label``; the
+            pixel threshold outlines masks on overlays.
         maps: ``"png"`` (16-bit, quantized; default), ``"npy"`` (exact float32) or None (no maps).
             See :mod:`anomalyclip.distributed.maps` for the scale.
         map_dir: write maps as files ``<map_dir>/<index:08d>_<stem>.<png|npy>`` (local directory

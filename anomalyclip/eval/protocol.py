@@ -146,13 +146,16 @@ def evaluate(
         model.add_references([s.image_path for s in chosen], batch_size=batch_size)
         return kept
 
-    own_references = model.references
+    own_references, own_thresholds = model.references, model.thresholds
+    model.thresholds = None  # the per-class references would drop them, class after class, with a warning
     try:
         report = _evaluate(
             model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress, before_class=use_shots
         )
     finally:
+        # Both as they were (assigning the references drops thresholds: set them after).
         model.references = own_references
+        model.thresholds = own_thresholds
     report.settings.update(shots=shots, seed=seed, reference_images=drawn)
     return report
 

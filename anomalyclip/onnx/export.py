@@ -203,12 +203,30 @@ def _model_thresholds(model: Any, config: Any) -> Any:
     if changed:
         logger.warning(
             "Not storing the model's thresholds %s: they were chosen for another %s than the export's. Calibrate at "
-            "the export's settings, or pass thresholds= (--threshold / --pixel-threshold).",
+            "the export's settings, or give the thresholds to store (thresholds= / --threshold / --pixel-threshold).",
             own,
             " and ".join(changed),
         )
         return None
     return own
+
+
+def _stored_thresholds(
+    model: Any, config: Any, thresholds: Any, image_threshold: float | None, pixel_threshold: float | None
+) -> tuple[float | None, float | None]:
+    """``(image, pixel)`` to store, resolved as ``AnomalyCLIP.predict`` resolves them: explicit
+    values win, field by field, over ``thresholds``; ``thresholds=None`` means the model's own."""
+    if thresholds is None:
+        thresholds = _model_thresholds(model, config)
+    image, pixel = _threshold_values(thresholds)
+    explicit = []
+    for name, value in (("image_threshold", image_threshold), ("pixel_threshold", pixel_threshold)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidInputError(f"{name} must be a finite number, got {value!r}.")
+            value = float(value)
+        explicit.append(value)
+    return (image if explicit[0] is None else explicit[0]), (pixel if explicit[1] is None else explicit[1])
 
 
 @contextlib.contextmanager
@@ -241,6 +259,8 @@ def export_onnx(
     dtype: str | torch.dtype = "float32",
     opset: int | None = None,
     thresholds: Any = None,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
 ) -> Path:
     """Write ``model`` as one ONNX file for :class:`~anomalyclip.onnx.OnnxAnomalyCLIP` (or any onnxruntime).
 
@@ -274,6 +294,8 @@ def export_onnx(
             :attr:`~anomalyclip.AnomalyCLIP.thresholds`, unless the export changes the image
             size or the output layers they were chosen for (then none, with a warning);
             ``False``: none.
+        image_threshold, pixel_threshold: store these instead, field by field (the other field
+            still comes from ``thresholds``), as ``AnomalyCLIP.predict`` applies them.
 
     Returns:
         ``path``.
@@ -290,9 +312,7 @@ def export_onnx(
     config = model.config.replace(
         image_size=image_size, feature_layers=tuple(feature_layers) if feature_layers is not None else None
     )
-    if thresholds is None:
-        thresholds = _model_thresholds(model, config)
-    image_threshold, pixel_threshold = _threshold_values(thresholds)
+
     patch = model.patch_size
     if config.image_size % patch:
         raise InvalidInputError(
@@ -301,7 +321,8 @@ def export_onnx(
         )
     memory = getattr(model, "references", None)
     if memory is not None:
-        _check_references(memory, config, patch)
+        _check_references(memory, config, model.dtype, torch_dtype)
+    image_threshold, pixel_threshold = _stored_thresholds(model, config, thresholds, image_threshold, pixel_threshold)
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"'{path}' is a directory; pass the .onnx file to write, e.g. {path / 'anomalyclip.onnx'}.")
@@ -320,7 +341,7 @@ def export_onnx(
         dpam_mode=config.dpam_mode,
         temperature=config.temperature,
         sigma=config.sigma,
-        reference_blocks=None if memory is None else _cpu_blocks(memory, (config.image_size // patch) ** 2),
+        reference_blocks=None if memory is None else memory.blocks((config.image_size // patch) ** 2, device="cpu"),
     ).eval()
     # Batch 2: an example batch of 1 would let torch.export specialize the batch axis to 1.
     example = torch.zeros(2, 3, config.image_size, config.image_size)
@@ -366,19 +387,40 @@ def export_onnx(
     return path
 
 
-def _cpu_blocks(memory: Any, patches_per_image: int) -> dict[int, list[torch.Tensor]]:
-    return {layer: [b.cpu() for b in blocks] for layer, blocks in memory.blocks(patches_per_image).items()}
-
-
-def _check_references(memory: Any, config: Any, patch: int) -> None:
+def _check_references(memory: Any, config: Any, model_dtype: torch.dtype, export_dtype: torch.dtype) -> None:
     """The model's reference memory must fit the export's settings and the runtime's untiled images."""
-    memory.check_compatible(image_size=config.image_size, feature_layers=config.feature_layers, embed_dim=config.embed_dim)
+    found = memory.mismatches(
+        image_size=config.image_size,
+        feature_layers=config.feature_layers,
+        embed_dim=config.embed_dim,
+        dpam_layers=config.dpam_layers,
+        dpam_mode=config.dpam_mode,
+    )
+    if found:
+        asked = " and ".join(f"{name} {given}" for name, _, given in found)
+        taken = " and ".join(f"{name} {ours}" for name, ours, _ in found)
+        raise InvalidInputError(
+            f"The model's few-shot references were taken with {taken}; this export asks for {asked}, where their "
+            "patch tokens do not match. Export at the references' settings (leave image_size / feature_layers "
+            "unset: drop --image-size / --feature-layers), or take the references again at the export's settings "
+            "(model.clear_references(), model.reconfigure(...), model.add_references(...))."
+        )
     if memory.tile_size is not None:
         # The runtime scores whole images; tile-scale reference patches would not match theirs.
         raise InvalidInputError(
             f"The references were taken from {memory.tile_size} px tiles, but an ONNX export scores whole images "
             "(the runtime does not tile). Add the references without tile_size (model.clear_references(), then "
             "model.add_references(images)) to export them, or keep tiled inspection on the torch model."
+        )
+    if model_dtype != export_dtype:
+        logger.warning(
+            "The references' patch tokens come from this %s model; the export computes the test images' tokens in %s. "
+            "For the export's own numerics, add the references with the model in %s (model.to(%s), "
+            "clear_references(), add_references(...)).",
+            str(model_dtype).replace("torch.", ""),
+            str(export_dtype).replace("torch.", ""),
+            str(export_dtype).replace("torch.", ""),
+            str(export_dtype),
         )
 
 

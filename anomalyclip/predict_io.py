@@ -83,13 +83,7 @@ def model_options(args: Any) -> dict[str, Any]:
     """The ``AnomalyCLIP.from_pretrained`` keyword arguments of the CLI's shared model options
     (``--device``, ``--dtype``, ``--image-size``, ``--feature-layers``, ``--dpam-layers``,
     ``--dpam-mode``, ``--sigma``, ``--cache-dir``), for the single-process and the Ray runs alike."""
-    return dict(
-        device=args.device,
-        dtype=args.dtype,
-        image_size=args.image_size,
-        feature_layers=args.feature_layers,
-        dpam_layers=args.dpam_layers,
-        dpam_mode=args.dpam_mode,
-        sigma=args.sigma,
-        cache_dir=args.cache_dir,
-    )
+    from .options import InferenceOptions
+
+    inference = InferenceOptions.from_mapping(vars(args)).as_kwargs()
+    return dict(device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, **inference)

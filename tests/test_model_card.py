@@ -152,7 +152,7 @@ def test_official_checkpoint_of_a_preset_records_what_it_was_trained_on(tiny_cli
     )
     plain = AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, backbone=TINY_CLIP_REF, device="cpu")
     assert plain.config.trained_on is None  # not a published checkpoint
-    monkeypatch.setattr("anomalyclip.model.PRESETS", {preset.name: preset})
+    monkeypatch.setattr("anomalyclip.model.factory.PRESETS", {preset.name: preset})
     model = AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, backbone=TINY_CLIP_REF, device="cpu")
     assert model.config.trained_on == "MVTec AD"
 

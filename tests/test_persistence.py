@@ -58,7 +58,7 @@ def test_save_is_atomic_and_keeps_existing_files_on_failure(golden_model, tmp_pa
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("anomalyclip.model.save_file", explode)
+    monkeypatch.setattr("anomalyclip.model.persistence.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         golden_model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before

@@ -1,0 +1,111 @@
+"""Few-shot references of a model: collecting normal images' patch tokens into its memory.
+
+``AnomalyCLIP.add_references`` is :func:`add_references`; the memory and the fusion themselves
+live in :mod:`anomalyclip.references`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from ..files import find_images
+from ..preprocessing import ImageInput
+from ..references import ReferenceMemory, normalize_patch_tokens, resolve_storage_dtype
+from ..tiling import crop_prepared, tile_grid
+
+__all__ = ["add_references", "expand_images"]
+
+logger = logging.getLogger(__name__)
+
+
+def expand_images(images: Any, what: str) -> list[ImageInput]:
+    """``images`` as a list: one image or a sequence of them; folders (searched recursively)
+    expand to their image files. ``what`` names the caller in the errors."""
+    given = list(images) if isinstance(images, (list, tuple)) else [images]
+    items: list[ImageInput] = []
+    for item in given:
+        if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
+            found = find_images(item)
+            if not found:
+                raise InvalidInputError(f"No image files in folder '{item}' (searched recursively).")
+            items.extend(found)
+        else:
+            items.append(item)
+    if not items:
+        raise InvalidInputError(f"{what} got no images; pass at least one image.")
+    return items
+
+
+def add_references(
+    model: Any,
+    images: Any,
+    *,
+    batch_size: int,
+    tile_size: int | None,
+    tile_overlap: float,
+    coreset: float | None,
+    storage_dtype: Any,
+    seed: int,
+    progress: bool,
+) -> int:
+    """``model.add_references`` (documented there): returns the number of reference images."""
+    items = expand_images(images, "add_references")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if tile_size is not None:
+        model._check_tile_size(tile_size)
+        tile_grid(tile_size, tile_size, tile_size, tile_overlap)  # validates the overlap
+    config = model.config
+    memory = model.references
+    if memory is None:
+        memory = ReferenceMemory(
+            image_size=config.image_size,
+            feature_layers=config.feature_layers,
+            backbone=config.backbone,
+            storage_dtype=storage_dtype if storage_dtype is not None else torch.float32,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap if tile_size is not None else None,
+            dpam_layers=config.dpam_layers,
+            dpam_mode=config.dpam_mode,
+        )
+    else:
+        memory.check_compatible(**model._reference_settings())
+        if memory.tile_size != tile_size:
+            raise InvalidInputError(
+                f"The memory holds references taken with tile_size={memory.tile_size}; these would be taken with "
+                f"tile_size={tile_size}. Use the same tiling, or call model.clear_references() first."
+            )
+        if storage_dtype is not None and resolve_storage_dtype(storage_dtype) != memory.storage_dtype:
+            raise InvalidInputError(
+                f"The memory stores {memory.storage_dtype}; call model.clear_references() to change the storage dtype."
+            )
+    tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in config.feature_layers}
+
+    def collect(pixel_values: torch.Tensor) -> None:
+        features = model.encode_image(pixel_values.to(device=model.device, dtype=model.dtype))
+        for layer in config.feature_layers:
+            t = normalize_patch_tokens(features.patch_features[layer])
+            tokens[layer].append(t.reshape(-1, t.shape[-1]))
+
+    from tqdm.auto import tqdm
+
+    with torch.inference_mode():
+        if tile_size is None:
+            for start in tqdm(range(0, len(items), batch_size), desc="references", unit="batch", disable=not progress):
+                collect(model.preprocess(items[start : start + batch_size]))
+        else:
+            for item in tqdm(items, desc="references", unit="img", disable=not progress):
+                prepared = model._prepare(item)
+                tiles = tile_grid(*prepared.size, tile_size, tile_overlap).tiles
+                for start in range(0, len(tiles), batch_size):
+                    chunk = tiles[start : start + batch_size]
+                    collect(torch.stack([model._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
+        memory.add({k: torch.cat(v) for k, v in tokens.items()}, num_images=len(items), coreset=coreset, seed=seed)
+    model._set_references(memory)
+    logger.info("References: %r", memory)
+    return memory.num_images

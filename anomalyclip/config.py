@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -34,9 +35,11 @@ OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: Version of the ``config.json`` + ``model.safetensors`` format written by ``save_pretrained``.
 #: 2 added ``thresholds`` and ``trained_on``; version-1 files load (both read as None).
-FORMAT_VERSION = 2
+#: 3 added ``threshold_mode`` (the decision mode the thresholds were chosen in); version-2
+#: thresholds load without one and are applied as before.
+FORMAT_VERSION = 3
 #: Fields added by each format version (a file of an older version cannot hold them).
-_ADDED_IN = {2: ("thresholds", "trained_on")}
+_ADDED_IN = {2: ("thresholds", "trained_on"), 3: ("threshold_mode",)}
 #: Options that change what the model outputs for an image (``AnomalyCLIP.reconfigure``).
 INFERENCE_OPTIONS = ("image_size", "feature_layers", "dpam_layers", "dpam_mode", "sigma")
 #: The paper's backbone: OpenAI CLIP ViT-L/14 at 336 px, in open_clip's Hub format.
@@ -57,7 +60,7 @@ def default_dpam_layers(depth: int) -> int:
     return min(depth, max(1, math.floor(depth * _PAPER_DPAM_LAYERS / _PAPER_DEPTH + 0.5)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnomalyCLIPConfig:
     """Everything needed to rebuild an AnomalyCLIP model around its learned prompts.
 
@@ -82,6 +85,10 @@ class AnomalyCLIPConfig:
         thresholds: decision thresholds ``{"image": float | None, "pixel": float | None}`` set by
             ``AnomalyCLIP.calibrate`` or by assigning ``model.thresholds``; None when unset. The
             pixel threshold is on the map's scale, [0, len(feature_layers)].
+        threshold_mode: the decision mode the thresholds were chosen in
+            (:class:`anomalyclip.predictor.DecisionMode` as a dict: processing size, output
+            layers, DPAM, sigma, tiling, references fingerprint, backbone); ``predict`` never
+            applies thresholds chosen in another mode. None for thresholds of a version-2 file.
         trained_on: what the prompts were trained on (e.g. ``"VisA"``), when known; shown in the
             model card.
         format_version: version of the saved format.
@@ -105,21 +112,30 @@ class AnomalyCLIPConfig:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     thresholds: dict[str, float | None] | None = None
+    threshold_mode: dict[str, Any] | None = None
     trained_on: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.feature_layers = _int_tuple(self.feature_layers, "feature_layers")
-        self.mean = _float_tuple(self.mean, "mean")  # type: ignore[assignment]
-        self.std = _float_tuple(self.std, "std")  # type: ignore[assignment]
-        self.thresholds = _threshold_dict(self.thresholds)
+        # Frozen: a change goes through ``replace`` (or ``AnomalyCLIP.reconfigure``), which validates
+        # it and lets the model drop what the change invalidates (thresholds, references).
+        set_ = functools.partial(object.__setattr__, self)
+        set_("feature_layers", _int_tuple(self.feature_layers, "feature_layers"))
+        set_("mean", _float_tuple(self.mean, "mean"))
+        set_("std", _float_tuple(self.std, "std"))
+        set_("thresholds", _threshold_dict(self.thresholds))
+        if self.threshold_mode is not None and not isinstance(self.threshold_mode, Mapping):
+            raise InvalidInputError(f"threshold_mode must be a mapping or None, got {self.threshold_mode!r}.")
+        if self.threshold_mode is not None:
+            set_("threshold_mode", dict(self.threshold_mode))
         self.validate()
         # Plain Python numbers (numpy scalars would not serialize to JSON).
         for name in ("image_size", "dpam_layers", "n_ctx", "deep_prompt_length", "deep_prompt_depth",
                      "text_width", "embed_dim", "vision_layers", "format_version"):
-            setattr(self, name, int(getattr(self, name)))
-        self.sigma, self.temperature = float(self.sigma), float(self.temperature)
+            set_(name, int(getattr(self, name)))
+        set_("sigma", float(self.sigma))
+        set_("temperature", float(self.temperature))
 
     @property
     def n_deep_prompts(self) -> int:

@@ -8,6 +8,7 @@ whose :func:`resize_map` is the numpy twin of the ``F.interpolate`` call in ``An
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -108,19 +109,31 @@ class AnomalyResult:
 
     Attributes:
         score: image anomaly score in [0, 1] (higher is more anomalous).
-        anomaly_map: float32 ``[H, W]`` pixel anomaly map at the input's original size.
+        anomaly_map: float32 ``[H, W]`` pixel anomaly map at the input's original size; None
+            only for an image that could not be read (``error`` set).
         image_threshold: the threshold ``label`` was computed with, if any.
         pixel_threshold: the threshold ``mask`` was computed with, if any.
         path: the image's file path when the input was a path, else None.
+        error: None for a scored image; with ``predict_iter(..., on_error="record")``, why the
+            image could not be read or scored (then ``score`` is NaN, ``anomaly_map``, ``label``
+            and ``mask`` are None).
     """
 
     score: float
-    anomaly_map: np.ndarray
+    anomaly_map: np.ndarray | None
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     path: str | None = None
+    error: str | None = None
 
     def __post_init__(self) -> None:
+        if self.error is not None:
+            if not isinstance(self.error, str) or self.anomaly_map is not None or not math.isnan(self.score):
+                raise InvalidInputError(
+                    "AnomalyResult.error: a failed image has a message (str), score NaN and no anomaly_map, got "
+                    f"error={self.error!r}, score={self.score!r}, anomaly_map of type {type(self.anomaly_map).__name__}."
+                )
+            return
         if not isinstance(self.anomaly_map, np.ndarray) or self.anomaly_map.ndim != 2:
             shape = getattr(self.anomaly_map, "shape", None)
             raise InvalidInputError(
@@ -159,15 +172,15 @@ class AnomalyResult:
 
     @property
     def label(self) -> int | None:
-        """1 (anomalous) if ``score > image_threshold``, else 0; None without a threshold."""
-        if self.image_threshold is None:
+        """1 (anomalous) if ``score > image_threshold``, else 0; None without a threshold or on error."""
+        if self.image_threshold is None or self.error is not None:
             return None
         return int(self.score > self.image_threshold)
 
     @property
     def mask(self) -> np.ndarray | None:
-        """Boolean ``[H, W]``: ``anomaly_map > pixel_threshold``; None without a threshold."""
-        if self.pixel_threshold is None:
+        """Boolean ``[H, W]``: ``anomaly_map > pixel_threshold``; None without a threshold or on error."""
+        if self.pixel_threshold is None or self.anomaly_map is None:
             return None
         return self.anomaly_map > self.pixel_threshold
 

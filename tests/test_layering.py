@@ -129,6 +129,9 @@ _MODEL_LAYER = (
     "anomalyclip.model.predict",
     "anomalyclip.model.training",
     "anomalyclip.model.api",
+    "anomalyclip.predictor",
+    "anomalyclip.predictor.stream",
+    "anomalyclip.predictor.thresholds",
 )
 _UPPER = (
     "anomalyclip.train",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -132,10 +132,15 @@ class Thresholds:
     Attributes:
         image: threshold on image scores, or None.
         pixel: threshold on anomaly-map values, or None.
+        mode: the decision mode they were chosen in (a dict of
+            :class:`anomalyclip.predictor.DecisionMode`, set by ``AnomalyCLIP.calibrate``), or None
+            (then ``predict`` applies them in any mode). Passed to ``predict`` in another mode,
+            thresholds with a mode are refused.
     """
 
     image: float | None = None
     pixel: float | None = None
+    mode: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image", _check_threshold(self.image, "image"))
@@ -201,7 +206,7 @@ class Thresholds:
         """Inverse of :meth:`to_dict`; missing keys are None, unknown keys are an error."""
         if not isinstance(data, Mapping):
             raise InvalidInputError(f"expected a mapping with keys 'image' and 'pixel', got {type(data).__name__}.")
-        unknown = sorted(set(data) - {"image", "pixel"})
+        unknown = sorted(set(data) - {"image", "pixel", "mode"})
         if unknown:
-            raise InvalidInputError(f"unknown threshold keys {unknown}; expected only 'image' and 'pixel'.")
-        return cls(image=data.get("image"), pixel=data.get("pixel"))
+            raise InvalidInputError(f"unknown threshold keys {unknown}; expected only 'image', 'pixel' (and 'mode').")
+        return cls(image=data.get("image"), pixel=data.get("pixel"), mode=data.get("mode"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -16,20 +16,17 @@ from ..options import PredictOptions
 from ..outputs import AnomalyResult
 from ..preprocessing import ImageInput
 from .fewshot import add_references as _add_references
+from ..predictor.stream import expand_inputs
 from .predict import calibrate as _calibrate
 from .predict import decision_thresholds
-from .predict import predict as _predict
+from .predict import predict_iter as _predict_iter
 from .training import finetune_in_place
 
 __all__ = ["ImageAPI"]
 
 
-def _is_image_list(images: Any) -> bool:
-    return isinstance(images, (list, tuple))
-
-
 class ImageAPI:
-    """``add_references``, ``predict``, ``calibrate``, ``export_onnx`` and ``finetune``."""
+    """``add_references``, ``predict``, ``predict_iter``, ``calibrate``, ``export_onnx`` and ``finetune``."""
 
     def add_references(
         self,
@@ -90,11 +87,11 @@ class ImageAPI:
         batch_size: int = 8,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
-        thresholds: Thresholds | Literal[False] | None = None,
+        thresholds: Thresholds | Mapping[str, Any] | Literal[False] | None = None,
         progress: bool = False,
         num_workers: int | None = None,
         tile_size: int | None = None,
-        tile_overlap: float = 0.25,
+        tile_overlap: float | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
 
@@ -103,79 +100,144 @@ class ImageAPI:
         the default single layer). A pixel threshold is on that scale.
 
         Args:
-            images: one image or a list: file paths, PIL images, numpy arrays (HxW, HxWx3, HxWx4;
-                uint8 or float in [0, 1]) or CHW tensors.
+            images: one image, a folder (its image files, recursively, sorted) or a list of
+                them: file paths, PIL images, numpy arrays (HxW, HxWx3, HxWx4; uint8 or float in
+                [0, 1]) or CHW tensors.
             batch_size: images per forward pass.
-            image_threshold: results carry ``label = score > image_threshold``.
-            pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold``.
-            thresholds: ``None`` (default) applies the model's own :attr:`thresholds` (from
-                :meth:`calibrate` or ``config.json``) when it has some; a
-                :class:`~anomalyclip.Thresholds` applies those instead; ``False`` applies none.
+            image_threshold: results carry ``label = score > image_threshold`` (in [0, 1]).
+            pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold`` (in :attr:`map_range`).
+            thresholds: ``None`` (default) applies the model's own :attr:`thresholds` when they
+                were chosen in this mode (processing size, layers, DPAM, sigma, tiling,
+                references, backbone; otherwise a warning and no labels or masks); a
+                :class:`~anomalyclip.Thresholds` or a mapping applies those instead (refused
+                when their recorded mode differs); ``False`` applies none.
                 ``image_threshold`` / ``pixel_threshold`` take precedence over both.
             progress: show a tqdm progress bar.
-            num_workers: threads that load and preprocess the next batches while the model runs
-                (:func:`~anomalyclip.prefetch.prefetch_batches`); None: 0 on the CPU, up to 8 on
-                an accelerator (:func:`~anomalyclip.prefetch.default_num_workers`). The results
-                do not depend on it. Not used with ``tile_size``.
+            num_workers: threads that load and preprocess the next images while the model runs;
+                None: 0 on the CPU, up to 8 on an accelerator
+                (:func:`~anomalyclip.prefetch.default_num_workers`). The results do not depend on it.
             tile_size: for high-resolution images: cut each image larger than this many pixels
                 into overlapping tiles, run each tile at the processing size S and blend the tile
                 maps into one map at the original size (see ``docs/tiling.md``). The score is the
                 largest tile score (with references: the fused score of the largest zero-shot
                 and the largest reference tile scores). ``batch_size`` then counts tiles.
-            tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1).
+            tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1); default
+                0.25. Only with ``tile_size`` (refused without: it would do nothing).
 
         Returns:
-            An :class:`AnomalyResult` for a single image, a list of them for a list. ``path`` is
-            the image's file path when it was given as one.
+            An :class:`AnomalyResult` for a single image, a list of them for a list or a folder.
+            ``path`` is the image's file path when it was given as one.
 
-        On CUDA, batches are stacked in pinned memory and copied asynchronously, and each batch's
-        maps are resized and copied back before the next batch is started, so that the GPU
-        always has queued work.
+        Built on :meth:`predict_iter` (which streams); on CUDA, batches are stacked in pinned
+        memory and copied asynchronously, and each batch's maps are resized and copied back
+        before the next batch is started, so that the GPU always has queued work.
         """
-        single = not _is_image_list(images)
-        items = [images] if single else list(images)
-        if not items:
-            raise InvalidInputError("Got an empty list of images; pass at least one image.")
-        options = PredictOptions(
-            batch_size=batch_size, num_workers=num_workers, tile_size=tile_size, tile_overlap=tile_overlap, progress=progress
+        items, single = expand_inputs(images, "predict")
+        results = list(
+            self.predict_iter(
+                items,
+                batch_size=batch_size,
+                image_threshold=image_threshold,
+                pixel_threshold=pixel_threshold,
+                thresholds=thresholds,
+                progress=progress,
+                num_workers=num_workers,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap,
+            )
         )
-        image_threshold, pixel_threshold = decision_thresholds(self, thresholds, image_threshold, pixel_threshold)
-        results = _predict(self, items, options, image_threshold, pixel_threshold)
         return results[0] if single else results
 
-    def _load_and_preprocess(self, image: ImageInput) -> tuple[tuple[int, int], torch.Tensor]:
-        """(original (height, width), ``[3, S, S]`` float32): one image's work on a prefetch worker."""
-        prepared = self._prepare(image)
-        return prepared.size, self._preprocess_prepared(prepared)
+    def predict_iter(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        batch_size: int = 8,
+        on_error: str = "raise",
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        thresholds: Thresholds | Mapping[str, Any] | Literal[False] | None = None,
+        progress: bool = False,
+        num_workers: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float | None = None,
+    ) -> Iterator[AnomalyResult]:
+        """Stream results: an iterator of :class:`AnomalyResult`, one per image, in input order.
 
+        ``images`` is any iterable (a generator too; folders expand to their images) read
+        lazily through one prefetch pipeline: memory stays bounded (about ``2 * batch_size``
+        images in flight) whatever the number of images. Options as :meth:`predict`, plus:
+
+        Args:
+            on_error: ``"raise"`` (default) stops at the first image that cannot be read or
+                scored; ``"record"`` yields a result with ``error`` set to the message, ``score``
+                NaN and ``anomaly_map`` / ``label`` / ``mask`` None, and goes on. Running out
+                of memory (:class:`~anomalyclip.errors.ResourceError`) always raises.
+
+        The options are checked and the thresholds resolved when this is called, before the
+        first image is read.
+        """
+        if tile_overlap is not None and tile_size is None:
+            raise InvalidInputError("tile_overlap only applies with tile_size; pass tile_size=... or leave tile_overlap unset.")
+        options = PredictOptions(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            tile_size=tile_size,
+            tile_overlap=0.25 if tile_overlap is None else tile_overlap,
+            progress=progress,
+            on_error=on_error,
+        )
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or hasattr(images, "shape"):
+            images = [images]  # one image (or one folder)
+        elif hasattr(images, "size") and hasattr(images, "mode"):
+            images = [images]  # a PIL image
+        resolved = decision_thresholds(
+            self, thresholds, image_threshold, pixel_threshold, options.tile_size, options.tile_overlap
+        )
+        return _predict_iter(self, images, options, resolved, total=len(images) if hasattr(images, "__len__") else None)
 
     def calibrate(
         self,
-        normal_images: Sequence[ImageInput],
+        normal_images: ImageInput | Sequence[ImageInput],
         *,
         quantile: float = 0.99,
         batch_size: int = 8,
         num_workers: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float | None = None,
     ) -> Thresholds:
         """Image and pixel thresholds from images known to be normal, kept on the model.
 
         The image threshold is the ``quantile`` of their scores (in [0, 1]), the pixel threshold
-        the ``quantile`` of all their map values at the processing size S, on the map's scale
-        [0, len(feature_layers)] (:attr:`map_range`). Anything above is flagged. The thresholds
-        become :attr:`thresholds`: ``predict`` applies them from now on, and
-        :meth:`save_pretrained` writes them to ``config.json``. For a labelled set use
+        the ``quantile`` of all their map values (at the processing size S; with ``tile_size``, of
+        the blended maps ``predict`` gives), on the map's scale (:attr:`map_range`). Anything
+        above is flagged. The thresholds become :attr:`thresholds`, recorded with the decision
+        mode they were chosen in (processing size, layers, DPAM, sigma, tiling, references,
+        backbone): ``predict`` in that mode applies them, and :meth:`save_pretrained` writes
+        both to ``config.json``. For a labelled set use
         :meth:`anomalyclip.Thresholds.from_labelled` (F1-max) and assign ``model.thresholds``.
-        ``num_workers`` is as for :meth:`predict`.
+
+        Args:
+            normal_images: images, a folder or a list of them (as :meth:`predict`).
+            quantile: in [0, 1].
+            batch_size, num_workers: as :meth:`predict`.
+            tile_size, tile_overlap: calibrate for tiled prediction (the same tiling as ``predict``).
 
         Returns:
             the new :class:`~anomalyclip.Thresholds`.
         """
-        items = list(normal_images) if _is_image_list(normal_images) else [normal_images]
-        if not items:
-            raise InvalidInputError("calibrate needs at least one normal image.")
-        options = PredictOptions(batch_size=batch_size, num_workers=num_workers)
+        items, _ = expand_inputs(normal_images, "calibrate")
+        if tile_overlap is not None and tile_size is None:
+            raise InvalidInputError("tile_overlap only applies with tile_size; pass tile_size=... or leave tile_overlap unset.")
+        if tile_size is not None:
+            self._check_tile_size(tile_size)
+        options = PredictOptions(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            tile_size=tile_size,
+            tile_overlap=0.25 if tile_overlap is None else tile_overlap,
+        )
         return _calibrate(self, items, quantile=quantile, options=options)
-
 
     def export_onnx(
         self,

@@ -7,38 +7,18 @@ live in :mod:`anomalyclip.references`.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
 from ..errors import InvalidInputError
-from ..files import find_images
-from ..preprocessing import ImageInput
+from ..predictor.stream import expand_inputs
 from ..references import ReferenceMemory, normalize_patch_tokens, resolve_storage_dtype
 from ..tiling import crop_prepared, tile_grid
 
-__all__ = ["add_references", "expand_images"]
+__all__ = ["add_references"]
 
 logger = logging.getLogger(__name__)
-
-
-def expand_images(images: Any, what: str) -> list[ImageInput]:
-    """``images`` as a list: one image or a sequence of them; folders (searched recursively)
-    expand to their image files. ``what`` names the caller in the errors."""
-    given = list(images) if isinstance(images, (list, tuple)) else [images]
-    items: list[ImageInput] = []
-    for item in given:
-        if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
-            found = find_images(item)
-            if not found:
-                raise InvalidInputError(f"No image files in folder '{item}' (searched recursively).")
-            items.extend(found)
-        else:
-            items.append(item)
-    if not items:
-        raise InvalidInputError(f"{what} got no images; pass at least one image.")
-    return items
 
 
 def add_references(
@@ -54,7 +34,7 @@ def add_references(
     progress: bool,
 ) -> int:
     """``model.add_references`` (documented there): returns the number of reference images."""
-    items = expand_images(images, "add_references")
+    items, _ = expand_inputs(images, "add_references")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
     if tile_size is not None:

@@ -29,7 +29,9 @@ from ..runtime import is_out_of_memory, out_of_memory_error
 from ..scoring import anomaly_maps, gaussian_blur, image_scores
 from ..vision import encode_image
 from .factory import build_from_backbone, build_from_clip, build_from_official_checkpoint, check_config_matches_clip
+from ..predictor.thresholds import resolve_thresholds
 from .api import ImageAPI
+from .predict import decision_mode
 from .persistence import HubPersistence
 
 __all__ = ["AnomalyCLIP"]
@@ -254,7 +256,7 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
                 self.config.thresholds,
                 reason,
             )
-            self.config = dataclasses.replace(self.config, thresholds=None)
+            self.config = dataclasses.replace(self.config, thresholds=None, threshold_mode=None)
 
     def _reference_settings(self, image_size: int | None = None) -> dict[str, Any]:
         """The settings a reference memory must share with this model (``check_compatible`` keywords)."""
@@ -307,21 +309,39 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
         """The decision thresholds ``predict`` applies when none are passed, or None.
 
         Set by :meth:`calibrate`, or assign a :class:`~anomalyclip.Thresholds`, a mapping
-        ``{"image": ..., "pixel": ...}`` or None. They live in ``config.thresholds``, so
+        ``{"image": ..., "pixel": ...}`` or None. They live in ``config.thresholds``, with the
+        decision mode they belong to in ``config.threshold_mode`` (``Thresholds.mode``), so
         :meth:`save_pretrained` writes them to ``config.json`` and :meth:`from_pretrained`
-        restores them. The pixel threshold is on the map's scale (see :attr:`map_range`).
+        restores them. Assigned thresholds without a mode belong to the current untiled mode.
+        ``predict`` in another mode (e.g. tiled) warns and applies none (``docs/thresholds.md``).
+        The pixel threshold is on the map's scale (see :attr:`map_range`).
         """
         values = self.config.thresholds
-        return None if values is None else Thresholds(**values)
+        return None if values is None else Thresholds(**values, mode=self.config.threshold_mode)
 
     @thresholds.setter
-    def thresholds(self, value: Thresholds | Mapping[str, float | None] | None) -> None:
-        if value is not None and not isinstance(value, (Thresholds, Mapping)):
+    def thresholds(self, value: Thresholds | Mapping[str, Any] | None) -> None:
+        if value is None:
+            self.config = dataclasses.replace(self.config, thresholds=None, threshold_mode=None)
+            return
+        if not isinstance(value, (Thresholds, Mapping)):
             raise InvalidInputError(
                 f"model.thresholds takes an anomalyclip.Thresholds, a mapping {{'image': ..., 'pixel': ...}} or "
                 f"None, got {type(value).__name__}."
             )
-        self.config = dataclasses.replace(self.config, thresholds=value)
+        if isinstance(value, Mapping):
+            value = Thresholds.from_dict(value)
+        mode = value.mode if value.mode is not None else decision_mode(self).to_dict()
+        resolve_thresholds(  # validates the values against the score range and map_range
+            own=None, thresholds=Thresholds(value.image, value.pixel), image_threshold=None, pixel_threshold=None,
+            map_range=self.map_range, mode=None,
+        )
+        self._set_thresholds(Thresholds(value.image, value.pixel), mode)
+
+    def _set_thresholds(self, values: Thresholds, mode: Any) -> None:
+        mode = mode.to_dict() if hasattr(mode, "to_dict") else dict(mode)
+        self.config = dataclasses.replace(self.config, thresholds=values.to_dict(), threshold_mode=mode)
+        self.__dict__.pop("_threshold_warnings", None)
 
     def train(self, mode: bool = True) -> "AnomalyCLIP":
         """Only the prompts ever train; CLIP stays in eval mode."""
@@ -498,6 +518,11 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
         if self._references is not None:
             self._references = None
             self._drop_thresholds("the references were cleared")
+
+    def _install_references(self, memory: ReferenceMemory) -> None:
+        """Install a loaded profile's memory: its thresholds were chosen with it and stay."""
+        self._references = memory
+        self._warn_if_references_stale()
 
     def _set_references(self, memory: ReferenceMemory) -> None:
         """Install a grown or new memory (thresholds chosen before are dropped)."""

@@ -8,6 +8,7 @@ prompts (``model.safetensors``, loaded strictly), the few-shot references when t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -150,12 +151,7 @@ class HubPersistence(ModelHubMixin):
                 f"'{model_id}' is not a directory, a preset ({', '.join(sorted(PRESETS))}) or a Hub repo id "
                 "('org/name'). Check the path."
             )
-        model = cls._from_files(files, cache_dir=cache_dir, **load)
-        if references_file is not None:
-            thresholds = model.thresholds  # a profile's thresholds were chosen with its references
-            model.references = ReferenceMemory.load(references_file)
-            model.thresholds = thresholds
-        return model
+        return cls._from_files(files, cache_dir=cache_dir, references_file=references_file, **load)
 
     @classmethod
     def _from_preset(
@@ -198,15 +194,28 @@ class HubPersistence(ModelHubMixin):
         options: InferenceOptions,
         quick_gelu: bool | None,
         cache_dir: str | os.PathLike | None,
+        references_file: Path | None = None,
     ) -> Any:
-        """Build a model from the local files of a saved model (name -> path), then apply ``options``."""
+        """Build a model from the local files of a saved model (name -> path) and its references
+        (a profile's thresholds stay: they were chosen with them), then apply ``options``. A
+        ``quick_gelu`` that changes the backbone's activation drops the thresholds and the
+        references, as ``reconfigure`` drops what a change invalidates."""
         config_file, weights_file = files[CONFIG_NAME], files[WEIGHTS_NAME]
         try:
             data = json.loads(Path(config_file).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"Cannot read {config_file}: {exc}") from exc
         config = AnomalyCLIPConfig.from_dict(data, source=str(config_file))
+        backbone_changed = quick_gelu is not None and quick_gelu != config.quick_gelu
         config = config.replace(quick_gelu=quick_gelu)
+        if backbone_changed and (config.thresholds is not None or references_file is not None):
+            logger.warning(
+                "quick_gelu=%s changes the backbone the saved thresholds and references were taken with: dropping them. "
+                "Calibrate (and add references) again.",
+                quick_gelu,
+            )
+            config = dataclasses.replace(config, thresholds=None, threshold_mode=None)
+            references_file = None
         try:
             tensors = load_file(str(weights_file))
         except (SafetensorError, OSError) as exc:
@@ -214,6 +223,8 @@ class HubPersistence(ModelHubMixin):
         clip = load_clip(config.backbone, quick_gelu=config.quick_gelu, cache_dir=cache_dir)
         model = cls(clip, config)
         model.load_prompts(tensors, source=str(weights_file))
+        if references_file is not None:
+            model._install_references(ReferenceMemory.load(references_file))
         model.reconfigure(**options.as_kwargs())
         return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
 

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tile-size", type=int, default=None, help="cut images larger than this many pixels into tiles (docs/tiling.md)"
     )
-    p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap fraction of the tiles (default 0.25)")
+    p.add_argument(
+        "--tile-overlap", type=float, default=None, help="overlap fraction of the tiles (default 0.25; needs --tile-size)"
+    )
     ray = p.add_argument_group("scale-out on a Ray cluster (pip install \"anomalyclip[ray]\")")
     ray.add_argument("--ray", action="store_true", help="score on Ray actors; also writes scores.parquet")
     ray.add_argument("--ray-address", default=None, help="cluster to join (default: start a local Ray on this machine)")
@@ -202,7 +204,22 @@ def _load_model(args: argparse.Namespace):
 
 
 # ----------------------------------------------------------------------------- commands
+def check_predict_options(args: argparse.Namespace) -> None:
+    """Refuse options that would do nothing (before any model loads); the pixel threshold is
+    checked against the model's map range once it is loaded."""
+    if args.threshold is not None and not (0.0 <= args.threshold <= 1.0):
+        raise InvalidInputError(
+            f"--threshold {args.threshold:g} is outside the score range [0, 1]: image scores are probabilities "
+            "(e.g. --threshold 0.5)."
+        )
+    if args.tile_overlap is not None and args.tile_size is None:
+        raise InvalidInputError("--tile-overlap applies to tiles; add --tile-size PIXELS or drop --tile-overlap.")
+    if args.coreset is not None and not args.references:
+        raise InvalidInputError("--coreset applies to --references; add --references DIR or drop --coreset.")
+
+
 def _predict(args: argparse.Namespace) -> int:
+    check_predict_options(args)
     if args.ray:
         from .distributed.cli import predict_with_ray
 
@@ -217,13 +234,19 @@ def _predict(args: argparse.Namespace) -> int:
 
     images = collect_images(args.inputs)
     model = _load_model(args)
+    if args.pixel_threshold is not None and not model.map_range[0] <= args.pixel_threshold <= model.map_range[1]:
+        lo, hi = model.map_range
+        raise InvalidInputError(
+            f"--pixel-threshold {args.pixel_threshold:g} is outside this model's map range [{lo:g}, {hi:g}]: no pixel "
+            "could be flagged or every pixel would be."
+        )
     if args.references:
         references = collect_images(args.references)
         model.add_references(
             references,
             batch_size=args.batch_size,
             tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
+            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
             coreset=args.coreset,
             progress=not args.quiet,
         )

@@ -185,7 +185,7 @@ class AnomalyCLIPPredictor:
         self._load_error: AnomalyCLIPError | None = None
         try:
             self.model = AnomalyCLIP.from_pretrained(model, **from_pretrained_kwargs).eval()
-            self.tiling = dict(tile_size=tile_size, tile_overlap=tile_overlap)
+            self.tiling = dict(tile_size=tile_size, tile_overlap=tile_overlap if tile_size is not None else None)
             if references:
                 images = [self._reference(path) for path in references]
                 self.model.add_references(images, batch_size=batch_size, coreset=coreset, **self.tiling)
@@ -224,19 +224,10 @@ class AnomalyCLIPPredictor:
         options = dict(
             image_threshold=self.image_threshold, pixel_threshold=self.pixel_threshold, thresholds=self.thresholds, **self.tiling
         )
-        if len(images) > 1:
-            try:
-                results = self.model.predict(images, batch_size=self.batch_size, **options)
-                return [(r, None) for r in results]
-            except AnomalyCLIPError:
-                pass  # find the culprit(s): score one by one
-        out: list[tuple[Any, str | None]] = []
-        for image in images:
-            try:
-                out.append((self.model.predict([image], batch_size=1, **options)[0], None))
-            except AnomalyCLIPError as exc:
-                out.append((None, str(exc)))
-        return out
+        # The core's streaming loop records an unreadable image as an error row and goes on;
+        # running out of memory (ResourceError) raises and fails the job.
+        results = self.model.predict_iter(images, batch_size=self.batch_size, on_error="record", **options)
+        return [(None, r.error) if r.error is not None else (r, None) for r in results]
 
     def _reference(self, path: str):
         """A reference image: decoded here for a URI, given as a path (read by the model) otherwise."""

@@ -35,6 +35,7 @@ def add_references(
 ) -> int:
     """``model.add_references`` (documented there): returns the number of reference images."""
     items, _ = expand_inputs(images, "add_references")
+    tile_overlap = 0.25 if tile_overlap is None else tile_overlap
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
     if tile_size is not None:

@@ -330,6 +330,8 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
                 f"None, got {type(value).__name__}."
             )
         if isinstance(value, Mapping):
+            values = {k: v for k, v in value.items() if k != "mode"}
+            dataclasses.replace(self.config, thresholds=values)  # the config's own checks and messages
             value = Thresholds.from_dict(value)
         mode = value.mode if value.mode is not None else decision_mode(self).to_dict()
         resolve_thresholds(  # validates the values against the score range and map_range

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -175,25 +175,6 @@ def _check_opset(opset: int | None) -> int:
     return opset
 
 
-def _threshold_values(thresholds: Any) -> tuple[float | None, float | None]:
-    """``(image, pixel)`` from a :class:`~anomalyclip.thresholds.Thresholds` (or anything with those attributes)."""
-    if thresholds is None or thresholds is False:
-        return None, None
-    if not (hasattr(thresholds, "image") and hasattr(thresholds, "pixel")):
-        raise InvalidInputError(
-            f"thresholds must be an anomalyclip Thresholds (e.g. from model.calibrate), got {type(thresholds).__name__}."
-        )
-    values = []
-    for name in ("image", "pixel"):
-        value = getattr(thresholds, name)
-        if value is not None:
-            value = float(value)
-            if not math.isfinite(value):
-                raise InvalidInputError(f"thresholds.{name} must be finite, got {value!r}.")
-        values.append(value)
-    return values[0], values[1]
-
-
 def _model_thresholds(model: Any, config: Any) -> Any:
     """The model's own thresholds, when the export computes the outputs they were chosen for."""
     own = getattr(model, "thresholds", None)
@@ -211,22 +192,36 @@ def _model_thresholds(model: Any, config: Any) -> Any:
     return own
 
 
+def _export_mode(model: Any, config: Any) -> Any:
+    """The decision mode of the exported graph (untiled; the export's size and layers)."""
+    from ..model.predict import decision_mode
+
+    return dataclasses.replace(decision_mode(model), image_size=config.image_size, feature_layers=config.feature_layers)
+
+
 def _stored_thresholds(
-    model: Any, config: Any, thresholds: Any, image_threshold: float | None, pixel_threshold: float | None
+    model: Any,
+    config: Any,
+    thresholds: Any,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+    export_mode: Any,
 ) -> tuple[float | None, float | None]:
-    """``(image, pixel)`` to store, resolved as ``AnomalyCLIP.predict`` resolves them: explicit
-    values win, field by field, over ``thresholds``; ``thresholds=None`` means the model's own."""
-    if thresholds is None:
-        thresholds = _model_thresholds(model, config)
-    image, pixel = _threshold_values(thresholds)
-    explicit = []
-    for name, value in (("image_threshold", image_threshold), ("pixel_threshold", pixel_threshold)):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InvalidInputError(f"{name} must be a finite number, got {value!r}.")
-            value = float(value)
-        explicit.append(value)
-    return (image if explicit[0] is None else explicit[0]), (pixel if explicit[1] is None else explicit[1])
+    """``(image, pixel)`` to store, resolved by :func:`anomalyclip.predictor.resolve_thresholds`
+    as ``predict`` resolves them: explicit values win, field by field, over ``thresholds``;
+    ``thresholds=None`` means the model's own, when chosen in the export's mode."""
+    from ..predictor.thresholds import resolve_thresholds
+
+    own = _model_thresholds(model, config)
+    n = float(len(config.feature_layers))
+    return resolve_thresholds(
+        own=own,
+        thresholds=thresholds,
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        map_range=(0.0, 3.0 * n if getattr(model, "references", None) is not None else n),
+        mode=export_mode,
+    )
 
 
 @contextlib.contextmanager
@@ -322,7 +317,10 @@ def export_onnx(
     memory = getattr(model, "references", None)
     if memory is not None:
         _check_references(memory, config, model.dtype, torch_dtype)
-    image_threshold, pixel_threshold = _stored_thresholds(model, config, thresholds, image_threshold, pixel_threshold)
+    export_mode = _export_mode(model, config)
+    image_threshold, pixel_threshold = _stored_thresholds(
+        model, config, thresholds, image_threshold, pixel_threshold, export_mode
+    )
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"'{path}' is a directory; pass the .onnx file to write, e.g. {path / 'anomalyclip.onnx'}.")
@@ -370,6 +368,8 @@ def export_onnx(
         image_threshold=image_threshold,
         pixel_threshold=pixel_threshold,
         references=0 if memory is None else memory.num_images,
+        decision_mode=export_mode.to_dict(),
+        threshold_mode=None if image_threshold is None and pixel_threshold is None else export_mode.to_dict(),
         model={
             "backbone": config.backbone,
             "dpam_layers": config.dpam_layers,

@@ -59,6 +59,10 @@ class OnnxMetadata:
         quantization: ``None``, or ``"int8-dynamic"`` for a :func:`~anomalyclip.onnx.quantize_int8` copy.
         references: number of few-shot reference images whose patch features are constants
             of the graph (0: zero-shot); their scores and maps are fused, as the torch model's.
+        decision_mode: the :class:`~anomalyclip.predictor.DecisionMode` of the graph's outputs
+            (a dict; None in files of anomalyclip 0.2).
+        threshold_mode: the decision mode the stored thresholds were chosen in; the runtime
+            applies them only in that mode, as ``AnomalyCLIP.predict`` does.
         model: provenance, for people (backbone reference, DPAM layers and mode, blur sigma,
             temperature); the runtime does not use it.
         format_version: :data:`FORMAT_VERSION` of the writer.
@@ -75,6 +79,8 @@ class OnnxMetadata:
     pixel_threshold: float | None = None
     quantization: str | None = None
     references: int = 0
+    decision_mode: dict[str, Any] | None = None
+    threshold_mode: dict[str, Any] | None = None
     model: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

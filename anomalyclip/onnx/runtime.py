@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import CheckpointError, InvalidInputError, MissingDependencyError, WeightsNotFoundError
-from ..outputs import AnomalyResult
+from ..outputs import AnomalyResult, resize_map
+from ..predictor.stream import expand_inputs, predict_stream
+from ..predictor.thresholds import resolve_thresholds
 from ..preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_array
 from .metadata import INPUT_NAME, OUTPUT_NAMES, OnnxMetadata
 
@@ -101,6 +103,7 @@ class OnnxAnomalyCLIP:
             ) from exc
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = OnnxMetadata.from_props(props, str(self.path))
+        self._threshold_warnings: set = set()
         self._check_signature()
 
     # ------------------------------------------------------------------ construction helpers
@@ -222,6 +225,21 @@ class OnnxAnomalyCLIP:
         return scores.astype(np.float32, copy=False), maps.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ friendly API
+    def _decision_thresholds(self, thresholds: Any, image_threshold: Any, pixel_threshold: Any) -> tuple:
+        m = self.metadata
+        own = None
+        if m.image_threshold is not None or m.pixel_threshold is not None:
+            own = {"image": m.image_threshold, "pixel": m.pixel_threshold, "mode": m.threshold_mode}
+        return resolve_thresholds(
+            own=own,
+            thresholds=thresholds,
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
+            map_range=m.map_range,
+            mode=m.decision_mode,
+            warned=self._threshold_warnings,
+        )
+
     def predict(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -235,47 +253,73 @@ class OnnxAnomalyCLIP:
         """Score images and map anomalies at each image's original size, as ``AnomalyCLIP.predict``.
 
         Args:
-            images: one image or a list: file paths, PIL images or numpy arrays (HxW, HxWx3,
-                HxWx4; uint8 or float in [0, 1]).
+            images: one image, a folder (its image files) or a list of them: file paths, PIL
+                images or numpy arrays (HxW, HxWx3, HxWx4; uint8 or float in [0, 1]).
             batch_size: images per run of the graph.
-            image_threshold: results carry ``label = score > image_threshold``.
-            pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold``.
-            thresholds: both at once (a :class:`~anomalyclip.thresholds.Thresholds`); explicit
-                thresholds take precedence, and thresholds stored in the file at export apply
-                when neither is given.
+            image_threshold: results carry ``label = score > image_threshold`` (in [0, 1]).
+            pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold`` (in :attr:`map_range`).
+            thresholds: None applies the thresholds stored in the file at export (when they were
+                chosen in the graph's decision mode); a :class:`~anomalyclip.Thresholds` or a
+                mapping applies those; False applies none. Explicit values take precedence. The
+                same resolution as the torch model's (:func:`anomalyclip.predictor.resolve_thresholds`).
             progress: show a tqdm progress bar.
 
         Returns:
             An :class:`~anomalyclip.AnomalyResult` for a single image, a list of them for a list.
         """
-        single = not _is_image_list(images)
-        items = [images] if single else list(images)
-        if not items:
-            raise InvalidInputError("Got an empty list of images; pass at least one image.")
+        items, single = expand_inputs(images, "predict")
+        results = list(self.predict_iter(items, batch_size=batch_size, image_threshold=image_threshold,
+                                         pixel_threshold=pixel_threshold, thresholds=thresholds, progress=progress))
+        return results[0] if single else results
+
+    def predict_iter(
+        self,
+        images: Any,
+        *,
+        batch_size: int = 8,
+        on_error: str = "raise",
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        thresholds: Any = None,
+        progress: bool = False,
+        num_workers: int = 0,
+    ) -> Iterator[AnomalyResult]:
+        """Stream results in input order, as ``AnomalyCLIP.predict_iter`` (the same core loop)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
-        if thresholds is not None:
-            image_threshold = thresholds.image if image_threshold is None else image_threshold
-            pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
-        if image_threshold is None:
-            image_threshold = self.metadata.image_threshold
-        if pixel_threshold is None:
-            pixel_threshold = self.metadata.pixel_threshold
-        results: list[AnomalyResult] = []
-        batches = range(0, len(items), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or not hasattr(images, "__iter__"):
+            images = [images]
+        resolved = self._decision_thresholds(thresholds, image_threshold, pixel_threshold)
+        return predict_stream(
+            _OnnxBackend(self),
+            images,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            thresholds=resolved,
+            on_error=on_error,
+            progress=progress,
+            total=len(images) if hasattr(images, "__len__") else None,
+        )
 
-            batches = tqdm(batches, desc="AnomalyCLIP (ONNX)", unit="batch")
-        for start in batches:
-            chunk = items[start : start + batch_size]
-            prepared = [self._prepare(img) for img in chunk]
-            scores, maps = self.run(np.stack([self._preprocess_prepared(p) for p in prepared]))
-            for i, p in enumerate(prepared):
-                path = os.fspath(chunk[i]) if isinstance(chunk[i], (str, os.PathLike)) else None
-                results.append(
-                    AnomalyResult.from_map(
-                        scores[i], maps[i], p.size, image_threshold=image_threshold, pixel_threshold=pixel_threshold, path=path
-                    )
-                )
-        return results[0] if single else results
+
+class _OnnxBatch:
+    def __init__(self, scores: np.ndarray, maps: list[np.ndarray]) -> None:
+        self.scores, self.maps = scores, maps
+
+    def collect(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.scores, self.maps
+
+
+class _OnnxBackend:
+    """:class:`OnnxAnomalyCLIP` as a :class:`~anomalyclip.predictor.Backend` (numpy, no torch)."""
+
+    def __init__(self, model: OnnxAnomalyCLIP) -> None:
+        self.model = model
+
+    def load(self, image: Any) -> tuple[tuple[int, int], np.ndarray]:
+        prepared = self.model._prepare(image)
+        return prepared.size, self.model._preprocess_prepared(prepared)
+
+    def submit(self, pixels: list[np.ndarray], sizes: list[tuple[int, int]]) -> _OnnxBatch:
+        scores, maps = self.model.run(np.stack(pixels))
+        return _OnnxBatch(scores, [resize_map(m, size) for m, size in zip(maps, sizes)])

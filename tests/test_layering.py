@@ -201,7 +201,7 @@ def test_torch_free_modules_import_without_torch():
         "from anomalyclip.preprocessing import preprocess_array, mask_array\n"
         "from anomalyclip.outputs import AnomalyResult\n"
         "from anomalyclip.config import AnomalyCLIPConfig\n"
-        "import anomalyclip.files, anomalyclip.eval.thresholds\n"
+        "import anomalyclip.files, anomalyclip.eval.thresholds, anomalyclip.predictor, anomalyclip.options\n"
         "x = preprocess_array('tests/fixtures/golden/image_a.png', 224)\n"
         "r = AnomalyResult(score=0.5, anomaly_map=np.zeros((4, 4), np.float32))\n"
         "print(x.shape, AnomalyCLIPConfig().image_size)"

@@ -141,11 +141,11 @@ def test_format_version_1_files_still_load(golden_model, tmp_path):
     """A config.json written by anomalyclip 0.1 (format 1, no thresholds / trained_on) loads and reads back."""
     golden_model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
-    old = {k: v for k, v in data.items() if k not in ("thresholds", "trained_on")}
+    old = {k: v for k, v in data.items() if k not in ("thresholds", "trained_on", "threshold_mode")}
     (tmp_path / "config.json").write_text(json.dumps({**old, "format_version": 1}))
     model = AnomalyCLIP.from_pretrained(tmp_path, device="cpu")
     assert model.thresholds is None and model.config.trained_on is None
-    assert model.config.format_version == 2  # upgraded in memory: a save writes the current format
+    assert model.config.format_version == 3  # upgraded in memory: a save writes the current format
     model.thresholds = Thresholds(image=0.3)
     model.save_pretrained(tmp_path)
     assert AnomalyCLIP.from_pretrained(tmp_path, device="cpu").thresholds == Thresholds(image=0.3)

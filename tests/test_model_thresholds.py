@@ -83,8 +83,8 @@ def test_thresholds_setter_validates(fresh_model):
     [
         ({"image_threshold": "0.5"}, "image_threshold must be a finite number or None, got '0.5'"),
         ({"pixel_threshold": float("inf")}, "pixel_threshold must be a finite number or None, got inf"),
-        ({"thresholds": {"image": 0.5}}, r"thresholds must be an anomalyclip.Thresholds, None .* or False"),
-        ({"thresholds": True}, r"thresholds must be an anomalyclip.Thresholds, None .* or False"),
+        ({"thresholds": {"score": 0.5}}, r"thresholds: unknown keys \['score'\]"),
+        ({"thresholds": True}, r"thresholds must be an anomalyclip.Thresholds, a mapping .* or False"),
     ],
 )
 def test_predict_refuses_bad_thresholds(golden_model, kwargs, message):

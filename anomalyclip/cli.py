@@ -195,10 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace, *, uses_references: bool = True):
+    """``from_pretrained`` with the command's model options. A profile whose references do not
+    match ``--image-size`` / ``--feature-layers`` / ``--dpam-*`` fails here, once, naming the flags
+    (not after a load-time warning that says the same in Python); ``uses_references=False`` for
+    a command that replaces them (``evaluate --shots``)."""
     from .model import AnomalyCLIP
 
-    return AnomalyCLIP.from_pretrained(args.model, **model_options(args))
+    source = logging.getLogger(AnomalyCLIP._warn_if_references_stale.__module__)
+    only_once = _DropStaleReferenceWarnings()
+    source.addFilter(only_once)
+    try:
+        model = AnomalyCLIP.from_pretrained(args.model, **model_options(args))
+    finally:
+        source.removeFilter(only_once)
+    if uses_references and model.references is not None:
+        model.references.check_compatible(**model._reference_settings())
+    return model
+
+
+class _DropStaleReferenceWarnings(logging.Filter):
+    """Drops the model's "references do not match" warning: the CLI raises that error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "anomalyclip_stale_references", False)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -266,7 +286,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, args.format, split=args.split, require_masks=not args.no_masks)
     if args.classes:
         dataset = dataset.subset(args.classes)
-    model = _load_model(args)
+    model = _load_model(args, uses_references=args.shots is None)
     report = evaluate(
         model,
         dataset,
@@ -416,8 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("anomalyclip").setLevel(level)
     try:
         return args.handler(args)
-    except AnomalyCLIPError as exc:
-        print(f"anomalyclip {args.command}: error: {exc}", file=sys.stderr)
+    except AnomalyCLIPError as exc:  # the message that names the command's flags, printed once
+        print(f"anomalyclip {args.command}: error: {exc.message_for('cli')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"anomalyclip {args.command}: interrupted", file=sys.stderr)

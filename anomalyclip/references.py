@@ -35,7 +35,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError, InvalidInputError
+from .errors import CheckpointError, InvalidInputError, with_fix
 
 __all__ = [
     "REFERENCES_NAME",
@@ -63,6 +63,13 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 _FORMAT = "anomalyclip-references"
 _FORMAT_VERSION = 1
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: The command-line flag of each setting :meth:`ReferenceMemory.mismatches` compares.
+_CLI_FLAGS = {
+    "image_size": "--image-size",
+    "feature_layers": "--feature-layers",
+    "dpam_layers": "--dpam-layers",
+    "dpam_mode": "--dpam-mode",
+}
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -430,11 +437,17 @@ class ReferenceMemory:
         :meth:`mismatches`) cannot use the memory."""
         found = self.mismatches(**settings)
         if found:
-            raise InvalidInputError(
+            flags = [_CLI_FLAGS[name] for name, _, _ in found if name in _CLI_FLAGS]
+            raise with_fix(
+                InvalidInputError,
                 "The references were computed with "
                 + " and ".join(f"{name} {ours} (the model now has {given})" for name, ours, given in found)
-                + ": their patch tokens do not match the model's. Call model.clear_references() and add the "
-                "references again with the current settings, or set the model back (model.reconfigure(...))."
+                + ": their patch tokens do not match the model's. {fix}.",
+                python="Call model.clear_references() and add the references again with the current settings, or "
+                "set the model back (model.reconfigure(...))",
+                cli=(f"Drop {' / '.join(flags)} to run the profile at the settings of its references" if flags else
+                     "Use the profile with the backbone it was made with")
+                + ", or save a new profile with references taken at these settings",
             )
 
     def check_backbone(self, fingerprint: str, backbone: str = "") -> None:

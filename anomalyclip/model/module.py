@@ -274,7 +274,7 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
         try:
             self._references.check_compatible(**self._reference_settings())
         except InvalidInputError as exc:
-            logger.warning("%s Until then, forward/predict raise this error.", exc)
+            logger.warning("%s Until then, forward/predict raise this error.", exc, extra={"anomalyclip_stale_references": True})
 
     # ------------------------------------------------------------------ properties
     @property

@@ -10,7 +10,6 @@ import pytest
 from anomalyclip import AnomalyCLIP, DatasetError, InvalidInputError, load_dataset
 from anomalyclip.cli import main
 from anomalyclip.data.synthetic import make_synthetic_dataset
-from anomalyclip.errors import AnomalyCLIPError, with_fix
 
 from .conftest import IMAGE_A, IMAGE_B, OFFICIAL_PTH, TINY_CLIP_REF
 
@@ -18,6 +17,8 @@ SIZE = 112
 
 
 def test_with_fix_spells_the_fix_per_interface():
+    from anomalyclip.errors import AnomalyCLIPError, with_fix
+
     error = with_fix(DatasetError, "Bad {fix}.", python="pass x=1", cli="pass --x 1")
     assert isinstance(error, DatasetError) and isinstance(error, ValueError)
     assert str(error) == "Bad pass x=1." and error.message_for("python") == "Bad pass x=1."

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalyclip.files import atomic_path, atomic_write, current_umask
+from anomalyclip.files import atomic_path, atomic_write
 from anomalyclip.references import ReferenceMemory
 
 from .conftest import IMAGE_B, OFFICIAL_PTH, TINY_CLIP_REF
@@ -42,6 +42,8 @@ def profile_model(tiny_clip):
 
 
 def test_current_umask_reads_without_changing_it(umask):
+    from anomalyclip.files import current_umask
+
     assert current_umask() == umask
     assert current_umask() == umask
 

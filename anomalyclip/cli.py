@@ -324,14 +324,10 @@ def _predict_onnx(args: argparse.Namespace) -> int:
             "file's dtype); drop them, or pass a model directory / Hub id."
         )
     images = collect_images(args.inputs)
-    providers = None
-    if args.device not in (None, "cpu", "cuda"):
+    providers = {None: None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    if args.device not in providers:
         raise InvalidInputError(f"--device {args.device}: an ONNX export runs on cpu or cuda (onnxruntime's providers).")
-    if args.device == "cpu":
-        providers = ["CPUExecutionProvider"]
-    elif args.device == "cuda":
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    model = OnnxAnomalyCLIP(args.model, providers=providers)
+    model = OnnxAnomalyCLIP(args.model, providers=providers[args.device])
     rows = write_predictions(
         model,
         images,

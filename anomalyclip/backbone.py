@@ -8,6 +8,7 @@ of the ViT family with a standard text tower (OpenAI-style CLIP and its open_cli
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ __all__ = [
     "resolve_quick_gelu",
     "clip_preprocess_cfg",
     "clip_summary",
+    "backbone_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,3 +244,32 @@ def clip_summary(clip: nn.Module) -> str:
         f"text {len(clip.transformer.resblocks)} blocks x {clip.transformer.width}, "
         f"embed {v.output_dim}, {'QuickGELU' if uses_quick_gelu(clip) else 'GELU'}"
     )
+
+
+#: Elements sampled per tensor by :func:`backbone_fingerprint` (evenly strided over the flat tensor).
+FINGERPRINT_SAMPLES = 4096
+
+
+def backbone_fingerprint(clip: nn.Module) -> str:
+    """A short, deterministic fingerprint of the weights of a CLIP's vision tower.
+
+    ``sha256`` over every parameter of ``clip.visual`` in name order: its name, its shape and the
+    sign bits of an evenly strided sample of at most :data:`FINGERPRINT_SAMPLES` elements of the
+    flattened tensor; the first 16 hex digits. Sign bits survive a cast between float32, float16
+    and bfloat16 and a move between devices (a tiny value that underflows keeps its sign as -0.0),
+    so one backbone gives one fingerprint in every dtype and on every device; two independently
+    trained or initialized backbones differ in thousands of sampled signs. It reads only the
+    sample (about 4096 elements per tensor), so it is cheap on a ViT-L.
+
+    Few-shot references record it (:class:`anomalyclip.references.ReferenceMemory`) so that patch
+    tokens of one backbone are never compared with another's.
+    """
+    digest = hashlib.sha256(b"anomalyclip-backbone-v1")
+    with torch.no_grad():
+        for name, param in sorted(clip.visual.named_parameters(), key=lambda item: item[0]):
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+            signs = torch.signbit(flat[::step][:FINGERPRINT_SAMPLES]).cpu().numpy()
+            digest.update(f"{name}:{tuple(param.shape)}:".encode())
+            digest.update(signs.tobytes())
+    return digest.hexdigest()[:16]

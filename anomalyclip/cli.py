@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from ._version import __version__
 from .data.datasets import FORMATS
-from .errors import AnomalyCLIPError, InvalidInputError
+from .errors import AnomalyCLIPError, InvalidInputError, MissingDependencyError
 from .predict_io import collect_images, model_options
 
 __all__ = ["main", "build_parser"]
@@ -197,10 +197,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace, *, uses_references: bool = True):
+    """``from_pretrained`` with the command's model options. A profile whose references do not
+    match ``--image-size`` / ``--feature-layers`` / ``--dpam-*`` fails here, once, naming the flags
+    (not after a load-time warning that says the same in Python); ``uses_references=False`` for
+    a command that replaces them (``evaluate --shots``)."""
+    _require_torch()
     from .model import AnomalyCLIP
 
-    return AnomalyCLIP.from_pretrained(args.model, **model_options(args))
+    source = logging.getLogger(AnomalyCLIP._warn_if_references_stale.__module__)
+    only_once = _DropStaleReferenceWarnings()
+    source.addFilter(only_once)
+    try:
+        model = AnomalyCLIP.from_pretrained(args.model, **model_options(args))
+    finally:
+        source.removeFilter(only_once)
+    if uses_references and model.references is not None:
+        model.references.check_compatible(**model._reference_settings())
+    return model
+
+
+def _require_torch() -> None:
+    """A :class:`MissingDependencyError` saying what to install when torch, open_clip or tqdm is
+    missing (the ONNX-only install of docs/deployment.md runs ``predict --model FILE.onnx`` only)."""
+    missing = [name for name in ("torch", "open_clip", "tqdm") if _module_missing(name)]
+    if missing:
+        raise MissingDependencyError(
+            f"This command runs the torch model and needs {', '.join(missing)}, not installed here: "
+            "pip install anomalyclip (with its dependencies). Without torch, run an ONNX export: "
+            "anomalyclip predict IMAGES --model anomalyclip.onnx (docs/deployment.md)."
+        )
+
+
+def _module_missing(name: str) -> bool:
+    import importlib.util
+
+    if name in sys.modules:  # imported already, or blocked (None)
+        return sys.modules[name] is None
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+class _DropStaleReferenceWarnings(logging.Filter):
+    """Drops the model's "references do not match" warning: the CLI raises that error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "anomalyclip_stale_references", False)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -220,6 +264,8 @@ def check_predict_options(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     check_predict_options(args)
+    if _is_onnx_file(args.model) and args.ray:
+        raise InvalidInputError("--ray runs torch models; score an ONNX export without --ray, or pass a model directory.")
     if args.ray:
         from .distributed.cli import predict_with_ray
 
@@ -227,10 +273,9 @@ def _predict(args: argparse.Namespace) -> int:
     ray_only = ("ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
     if any(getattr(args, name) is not None for name in ray_only):
         raise InvalidInputError(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} need --ray.")
-    from tqdm.auto import tqdm
-
-    from .predict_io import overlay_names, write_scores
-    from .visualize import save_overlay
+    if _is_onnx_file(args.model):
+        return _predict_onnx(args)
+    from .predict_io import write_predictions
 
     images = collect_images(args.inputs)
     model = _load_model(args)
@@ -251,34 +296,73 @@ def _predict(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         logger.info("Added %d reference image(s)", len(references))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = model.map_range  # a fixed colour scale: overlays of different images are comparable
-    rows = []
-    names = overlay_names(images)
-    with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
-        for start in range(0, len(images), args.batch_size):
-            chunk = images[start : start + args.batch_size]
-            results = model.predict(
-                chunk,
-                batch_size=args.batch_size,
-                image_threshold=args.threshold,
-                pixel_threshold=args.pixel_threshold,
-                thresholds=False if args.no_thresholds else None,
-                tile_size=args.tile_size,
-                tile_overlap=args.tile_overlap,
-            )
-            for name, result in zip(names[start : start + len(chunk)], results):
-                save_overlay(
-                    out / name, result.path, result.anomaly_map, alpha=args.alpha, vmin=vmin, vmax=vmax, mask=result.mask
-                )
-                row = {"image": result.path, "score": round(result.score, 6), "overlay": name}
-                if result.label is not None:
-                    row["label"] = result.label
-                rows.append(row)
-            bar.update(len(chunk))
-    write_scores(out, rows)
-    logger.info("Wrote %d overlays, scores.csv and scores.json to %s", len(rows), out)
+    rows = write_predictions(
+        model,
+        images,
+        args.out,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        progress=not args.quiet,
+        image_threshold=args.threshold,
+        pixel_threshold=args.pixel_threshold,
+        thresholds=False if args.no_thresholds else None,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+    )
+    logger.info("Wrote %d overlays, scores.csv and scores.json to %s", len(rows), args.out)
+    return 0
+
+
+def _is_onnx_file(model: str | None) -> bool:
+    return model is not None and model.lower().endswith(".onnx")
+
+
+#: ``predict`` options that an ONNX export fixed when it was written (flag -> how to change it).
+_FIXED_IN_EXPORT = {
+    "image_size": "--image-size",
+    "feature_layers": "--feature-layers",
+    "dpam_layers": "--dpam-layers",
+    "dpam_mode": "--dpam-mode",
+    "sigma": "--sigma",
+    "references": "--references",
+    "coreset": "--coreset",
+}
+
+
+def _predict_onnx(args: argparse.Namespace) -> int:
+    """``predict --model FILE.onnx``: the export run by onnxruntime, without torch (same files)."""
+    from .onnx.runtime import OnnxAnomalyCLIP
+    from .predict_io import write_predictions
+
+    fixed = [flag for name, flag in _FIXED_IN_EXPORT.items() if getattr(args, name) is not None]
+    if fixed:
+        raise InvalidInputError(
+            f"{', '.join(fixed)} cannot change an ONNX export: the file fixes them. Export again with them "
+            f"(anomalyclip export ... {' '.join(fixed)}), or pass a model directory / Hub id instead of '{args.model}'."
+        )
+    unsupported = [flag for flag, value in (("--tile-size", args.tile_size), ("--dtype", args.dtype), ("--cache-dir", args.cache_dir)) if value is not None]
+    if unsupported:
+        raise InvalidInputError(
+            f"{', '.join(unsupported)} do not apply to an ONNX export (the runtime scores whole images in the "
+            "file's dtype); drop them, or pass a model directory / Hub id."
+        )
+    images = collect_images(args.inputs)
+    providers = {None: None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    if args.device not in providers:
+        raise InvalidInputError(f"--device {args.device}: an ONNX export runs on cpu or cuda (onnxruntime's providers).")
+    model = OnnxAnomalyCLIP(args.model, providers=providers[args.device])
+    rows = write_predictions(
+        model,
+        images,
+        args.out,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        progress=not args.quiet,
+        image_threshold=args.threshold,
+        pixel_threshold=args.pixel_threshold,
+        thresholds=False if args.no_thresholds else None,
+    )
+    logger.info("Wrote %d overlays, scores.csv and scores.json to %s (ONNX: %s)", len(rows), args.out, model.providers)
     return 0
 
 
@@ -289,7 +373,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, args.format, split=args.split, require_masks=not args.no_masks)
     if args.classes:
         dataset = dataset.subset(args.classes)
-    model = _load_model(args)
+    model = _load_model(args, uses_references=args.shots is None)
     report = evaluate(
         model,
         dataset,
@@ -439,8 +523,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("anomalyclip").setLevel(level)
     try:
         return args.handler(args)
-    except AnomalyCLIPError as exc:
-        print(f"anomalyclip {args.command}: error: {exc}", file=sys.stderr)
+    except AnomalyCLIPError as exc:  # the message that names the command's flags, printed once
+        print(f"anomalyclip {args.command}: error: {exc.message_for('cli')}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a dependency of the torch commands, on an ONNX-only install
+        print(
+            f"anomalyclip {args.command}: error: needs the Python package '{exc.name}', which is not installed: "
+            "pip install anomalyclip (with its dependencies); an ONNX-only install runs "
+            "`anomalyclip predict IMAGES --model FILE.onnx` only.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"anomalyclip {args.command}: interrupted", file=sys.stderr)

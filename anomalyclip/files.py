@@ -9,10 +9,42 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
-__all__ = ["IMAGE_SUFFIXES", "atomic_path", "atomic_write", "cache_root", "find_images", "list_paths"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "atomic_path",
+    "atomic_write",
+    "cache_root",
+    "current_umask",
+    "find_images",
+    "give_default_mode",
+    "list_paths",
+]
 
 #: Extensions of the files read as images (compared in lower case).
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def current_umask() -> int:
+    """The process's umask (read from ``/proc/self/status`` where there is one, which leaves it
+    untouched; elsewhere set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give a finished file the mode a plain ``open(path, "w")`` would have: ``0o666 & ~umask``.
+
+    Writers that go through a temporary file end up with that file's mode (``mkstemp`` and
+    safetensors' own temporary files are ``0600``): call this before renaming it into place, so
+    that another user, a container with another uid or a cluster node can read what was saved.
+    """
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -20,17 +52,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
     For writers that take a file name. An interrupted or failed write leaves any existing
-    ``path`` untouched and no temporary file behind.
+    ``path`` untouched and no temporary file behind. The final file gets the umask's mode
+    (``0o666 & ~umask``, as ``open`` gives), whatever mode the writer left the temporary file in.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         yield Path(tmp)
+        give_default_mode(tmp)  # after the writer: some (safetensors) replace the file they are given
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

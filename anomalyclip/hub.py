@@ -1,15 +1,18 @@
-"""Hugging Face Hub access: download single files and turn Hub failures into clear errors."""
+"""Hugging Face Hub access: download single files or one revision's set of files, and turn Hub
+failures into clear errors."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from ._version import __version__
 from .errors import WeightsNotFoundError
 
-__all__ = ["is_repo_id", "hub_download", "hub_download_if_present", "is_offline"]
+__all__ = ["is_repo_id", "hub_download", "hub_snapshot", "is_offline"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +54,9 @@ def hub_download(
             unknown repo or file, gated repo), with a message saying how to proceed.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     where = f"'{filename}' of Hub repo '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
-    try:
+    with _hub_errors(where, what, repo_id, local_files_only):
         path = hf_hub_download(
             repo_id=repo_id,
             filename=filename,
@@ -72,6 +68,65 @@ def hub_download(
             library_name=LIBRARY_NAME,
             library_version=__version__,
         )
+    logger.debug("Resolved %s to %s", where, path)
+    return Path(path)
+
+
+def hub_snapshot(
+    repo_id: str,
+    filenames: Sequence[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    what: str = "files",
+) -> Path:
+    """Download (or find in the cache) the files ``filenames`` of ONE revision of a Hub model repo.
+
+    :func:`huggingface_hub.snapshot_download` with ``allow_patterns=filenames``: the files all come
+    from the same commit (a later push cannot mix into an earlier one). Returns the snapshot
+    folder; a name the repo does not have is simply absent from it (offline, so is a name that was
+    never cached): the caller checks what it needs. Options as in :func:`hub_download`.
+
+    Raises:
+        WeightsNotFoundError: the revision cannot be found or reached (offline with nothing
+            cached, unknown repo or revision, gated repo), with a message saying how to proceed.
+    """
+    import huggingface_hub
+
+    where = f"Hub repo '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
+    with _hub_errors(where, what, repo_id, local_files_only):
+        folder = huggingface_hub.snapshot_download(
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            allow_patterns=list(filenames),
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            library_name=LIBRARY_NAME,
+            library_version=__version__,
+        )
+    logger.debug("Resolved %s (%s) to %s", where, ", ".join(filenames), folder)
+    return Path(folder)
+
+
+@contextlib.contextmanager
+def _hub_errors(where: str, what: str, repo_id: str, local_files_only: bool) -> Iterator[None]:
+    """Turn the Hub's download failures inside the block into :class:`WeightsNotFoundError`."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        yield
     except GatedRepoError as exc:
         raise WeightsNotFoundError(
             f"Cannot download {where} ({what}): the repo is gated. Accept its terms on huggingface.co "
@@ -86,11 +141,11 @@ def hub_download(
         raise WeightsNotFoundError(f"Cannot download {where} ({what}): no such revision.") from exc
     except LocalEntryNotFoundError as exc:
         if local_files_only:
-            hint = "local_files_only=True and the file is not in the local Hugging Face cache"
+            hint = "local_files_only=True and the files are not in the local Hugging Face cache"
         elif is_offline():
-            hint = "HF_HUB_OFFLINE=1 is set and the file is not in the local Hugging Face cache"
+            hint = "HF_HUB_OFFLINE=1 is set and the files are not in the local Hugging Face cache"
         else:
-            hint = "the Hub cannot be reached and the file is not in the local Hugging Face cache"
+            hint = "the Hub cannot be reached and the files are not in the local Hugging Face cache"
         raise WeightsNotFoundError(
             f"Cannot load {where} ({what}): {hint}. Download it once with network access "
             f"(`hf download {repo_id}`), point `cache_dir`/HF_HUB_CACHE at a cache that has it, "
@@ -100,55 +155,3 @@ def hub_download(
         raise WeightsNotFoundError(f"Cannot download {where} ({what}): the repo has no such file.") from exc
     except (OSError, ValueError) as exc:  # network errors, bad cache contents, invalid repo ids
         raise WeightsNotFoundError(f"Cannot load {where} ({what}): {exc}") from exc
-    logger.debug("Resolved %s to %s", where, path)
-    return Path(path)
-
-
-def hub_download_if_present(
-    repo_id: str,
-    filename: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-    what: str = "file",
-) -> Path | None:
-    """:func:`hub_download` of an optional file: None when the repo has no such file.
-
-    Offline, a file that is not in the cache and not known to be absent cannot be checked: it is
-    skipped with a warning that says so.
-    """
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            what=what,
-        )
-    except WeightsNotFoundError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, LocalEntryNotFoundError):
-            cached = try_to_load_from_cache(
-                repo_id, filename, cache_dir=str(cache_dir) if cache_dir is not None else None, revision=revision
-            )
-            # None: unknown; a path: cached; any other value: the cache's "known to be absent" marker.
-            if cached is None or isinstance(cached, (str, os.PathLike)):
-                logger.warning(
-                    "Cannot check Hub repo '%s' for %s ('%s') offline: it is not in the local cache. Loading without it.",
-                    repo_id,
-                    what,
-                    filename,
-                )
-            return None
-        if isinstance(cause, EntryNotFoundError):
-            return None
-        raise

@@ -24,6 +24,7 @@ full patch-by-memory matrix), on the memory's device, in float32 whatever the st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError, InvalidInputError
+from .errors import CheckpointError, InvalidInputError, with_fix
 
 __all__ = [
     "REFERENCES_NAME",
@@ -62,6 +63,13 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 _FORMAT = "anomalyclip-references"
 _FORMAT_VERSION = 1
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: The command-line flag of each setting :meth:`ReferenceMemory.mismatches` compares.
+_CLI_FLAGS = {
+    "image_size": "--image-size",
+    "feature_layers": "--feature-layers",
+    "dpam_layers": "--dpam-layers",
+    "dpam_mode": "--dpam-mode",
+}
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -291,6 +299,10 @@ class ReferenceMemory:
         tile_size, tile_overlap: the tiling of the reference images, or None.
         dpam_layers, dpam_mode: the DPAM settings of the model that computed them (None:
             unknown, in files written before they were recorded; then not checked).
+        backbone_fingerprint: :func:`anomalyclip.backbone.backbone_fingerprint` of the CLIP that
+            computed them (None: unknown, in files written before anomalyclip 0.3; then not
+            checked, with a warning); a model with another backbone refuses the memory
+            (:meth:`check_backbone`).
         chunk_elements: budget of one similarity block of the search.
     """
 
@@ -305,6 +317,7 @@ class ReferenceMemory:
         tile_overlap: float | None = None,
         dpam_layers: int | None = None,
         dpam_mode: str | None = None,
+        backbone_fingerprint: str | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         self.image_size = int(image_size)
@@ -315,6 +328,8 @@ class ReferenceMemory:
         self.tile_overlap = tile_overlap
         self.dpam_layers = None if dpam_layers is None else int(dpam_layers)
         self.dpam_mode = dpam_mode
+        self.backbone_fingerprint = None if backbone_fingerprint is None else str(backbone_fingerprint)
+        self._warned_unfingerprinted = False
         self.chunk_elements = int(chunk_elements)
         self.memories: dict[int, torch.Tensor] = {}
         self.num_images = 0
@@ -422,12 +437,64 @@ class ReferenceMemory:
         :meth:`mismatches`) cannot use the memory."""
         found = self.mismatches(**settings)
         if found:
-            raise InvalidInputError(
+            flags = [_CLI_FLAGS[name] for name, _, _ in found if name in _CLI_FLAGS]
+            raise with_fix(
+                InvalidInputError,
                 "The references were computed with "
                 + " and ".join(f"{name} {ours} (the model now has {given})" for name, ours, given in found)
-                + ": their patch tokens do not match the model's. Call model.clear_references() and add the "
-                "references again with the current settings, or set the model back (model.reconfigure(...))."
+                + ": their patch tokens do not match the model's. {fix}.",
+                python="Call model.clear_references() and add the references again with the current settings, or "
+                "set the model back (model.reconfigure(...))",
+                cli=(f"Drop {' / '.join(flags)} to run the profile at the settings of its references" if flags else
+                     "Use the profile with the backbone it was made with")
+                + ", or save a new profile with references taken at these settings",
             )
+
+    def check_backbone(self, fingerprint: str, backbone: str = "") -> None:
+        """Refuse a model whose backbone differs from the one that computed the references.
+
+        Args:
+            fingerprint: :func:`anomalyclip.backbone.backbone_fingerprint` of the model's CLIP.
+            backbone: the model's backbone reference (for the message).
+
+        Raises:
+            InvalidInputError: the fingerprints differ (the message names both backbones).
+
+        A memory without a recorded fingerprint (a file written before anomalyclip 0.3) is not
+        checked; it logs one warning per memory.
+        """
+        if self.backbone_fingerprint is None:
+            if not self._warned_unfingerprinted:
+                self._warned_unfingerprinted = True
+                logger.warning(
+                    "These references (backbone %r) record no backbone fingerprint (written before anomalyclip 0.3): "
+                    "cannot check that they were computed with this model's backbone. Add them again and save the "
+                    "profile to record it.",
+                    self.backbone or "unknown",
+                )
+            return
+        if self.backbone_fingerprint != fingerprint:
+            raise InvalidInputError(
+                f"The references were computed with backbone {self.backbone or 'unknown'!r} (weights fingerprint "
+                f"{self.backbone_fingerprint}), but this model's backbone is {backbone or 'unknown'!r} (fingerprint "
+                f"{fingerprint}): their patch tokens cannot be compared. Add the references again with this model "
+                "(model.clear_references(); model.add_references(...)), or load the model with the backbone they "
+                "were computed with."
+            )
+
+    def fingerprint(self) -> str:
+        """A content hash of the memory: ``sha256`` over :meth:`metadata` (sorted JSON) and every
+        layer's tensor bytes (in layer order, as stored); the first 16 hex digits.
+
+        Equal memories (same tokens, settings and backbone) give equal fingerprints, whatever
+        device they are on; adding a reference changes it. It reads every byte (about 1 GB/s).
+        """
+        digest = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True).encode())
+        for layer in sorted(self.memories):
+            tensor = self.memories[layer].detach().cpu().contiguous()
+            digest.update(f"layer_{layer}:{tuple(tensor.shape)}:".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()[:16]
 
     def distances(self, patch_features: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """:func:`reference_distances` against this memory: layer -> ``[B, G*G]``."""
@@ -448,6 +515,7 @@ class ReferenceMemory:
             "tile_overlap": json.dumps(self.tile_overlap),
             "dpam_layers": json.dumps(self.dpam_layers),
             "dpam_mode": json.dumps(self.dpam_mode),
+            "backbone_fingerprint": json.dumps(self.backbone_fingerprint),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -494,6 +562,7 @@ class ReferenceMemory:
                 tile_overlap=json.loads(meta.get("tile_overlap", "null")),
                 dpam_layers=json.loads(meta.get("dpam_layers", "null")),
                 dpam_mode=json.loads(meta.get("dpam_mode", "null")),
+                backbone_fingerprint=json.loads(meta.get("backbone_fingerprint", "null")),
             )
             memory.num_images = int(meta["num_images"])
         except (KeyError, ValueError, TypeError, InvalidInputError) as exc:

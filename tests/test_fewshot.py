@@ -373,27 +373,17 @@ def test_references_through_the_hf_cache(hf_cache, golden_model):
     assert torch.equal(loaded.references.memories[24], model.references.memories[24])
 
 
-def test_push_to_hub_publishes_the_references(model, monkeypatch):
-    files = {}
+def test_push_to_hub_publishes_the_references(model, monkeypatch, tmp_path):
+    from .fakehub import FakeHub
 
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kwargs):
-            pass
-
-        def file_exists(self, repo_id, filename, **kwargs):
-            return False
-
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            files["names"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
-            return "url"
-
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    hub = FakeHub(tmp_path / "hub").install(monkeypatch)
     model.add_references(IMAGE_B)
     model.push_to_hub("me/profile")
-    assert REFERENCES_NAME in files["names"]
+    files = hub.files("me/profile")
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors", REFERENCES_NAME]
+    assert json.loads(files["config.json"])["references"] == REFERENCES_NAME
+    (tmp_path / "pushed.safetensors").write_bytes(files[REFERENCES_NAME])
+    assert ReferenceMemory.load(tmp_path / "pushed.safetensors").fingerprint() == model.references.fingerprint()
 
 
 # ----------------------------------------------------------------------------- data: the reference pool

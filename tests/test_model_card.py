@@ -13,6 +13,7 @@ from anomalyclip import AnomalyCLIP, InvalidInputError, Thresholds, WeightsNotFo
 from anomalyclip.card import CARD_MARKER, base_model_id, is_generated_card
 
 from .conftest import IMAGE_A, OFFICIAL_PTH, TINY_CLIP_REF
+from .fakehub import FakeHub
 
 USER_README = "---\nlicense: apache-2.0\n---\n# My bottle inspector\n\nHand-written notes.\n"
 OLD_PLACEHOLDER_CARD = (  # what anomalyclip 0.1's push_to_hub wrote
@@ -21,46 +22,15 @@ OLD_PLACEHOLDER_CARD = (  # what anomalyclip 0.1's push_to_hub wrote
 )
 
 
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi: records calls, serves an optional remote README."""
-
-    def __init__(self, remote_readme: str | None, tmp_path: Path) -> None:
-        self.remote_readme, self.tmp_path, self.calls = remote_readme, tmp_path, {}
-
-    def api(self, token=None):
-        hub = self
-
-        class Api:
-            def __init__(self, token=None):
-                hub.calls["token"] = token
-
-            def create_repo(self, repo_id, **kwargs):
-                hub.calls["create"] = (repo_id, kwargs)
-
-            def file_exists(self, repo_id, filename, **kwargs):
-                return filename == "README.md" and hub.remote_readme is not None
-
-            def hf_hub_download(self, repo_id, filename, **kwargs):
-                path = hub.tmp_path / "remote-README.md"
-                path.write_text(hub.remote_readme)
-                return str(path)
-
-            def upload_folder(self, repo_id, folder_path, **kwargs):
-                folder = Path(folder_path)
-                hub.calls["files"] = sorted(p.name for p in folder.iterdir())
-                hub.calls["config"] = json.loads((folder / "config.json").read_text())
-                readme = folder / "README.md"
-                hub.calls["card"] = readme.read_text() if readme.exists() else None
-                return "https://huggingface.co/me/prompts/commit/abc"
-
-        return Api(token)
-
-
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
+    """``hub(remote_readme=None)``: a fake Hub (tests/fakehub.py), optionally with a repo
+    ``me/prompts`` that already holds ``remote_readme``."""
+
     def install(remote_readme: str | None = None) -> FakeHub:
-        fake = FakeHub(remote_readme, tmp_path)
-        monkeypatch.setattr("huggingface_hub.HfApi", fake.api)
+        fake = FakeHub(tmp_path / "hub").install(monkeypatch)
+        if remote_readme is not None:
+            fake.put("me/prompts", {"README.md": remote_readme.encode()})
         return fake
 
     return install
@@ -76,13 +46,13 @@ def test_push_to_hub_uploads_the_saved_format_with_a_real_card(fresh_model, hub)
     model = _hub_backbone_model(fresh_model)
     model.thresholds = Thresholds(image=0.42, pixel=0.61)
     url = model.push_to_hub("me/prompts", private=True, token="t")
-    assert url.endswith("/commit/abc")
-    assert fake.calls["token"] == "t"
-    assert fake.calls["create"] == ("me/prompts", {"private": True, "exist_ok": True, "repo_type": "model"})
-    assert fake.calls["files"] == ["README.md", "config.json", "model.safetensors"]
-    assert fake.calls["config"]["thresholds"] == {"image": 0.42, "pixel": 0.61}
+    assert url == "https://huggingface.co/me/prompts/commit/1"
+    assert fake.tokens == ["t"] and fake.private["me/prompts"] is True
+    files = fake.files("me/prompts")
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads(files["config.json"])["thresholds"] == {"image": 0.42, "pixel": 0.61}
 
-    card = ModelCard(fake.calls["card"])
+    card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "anomalyclip"
     assert card.data.license == "mit"
     assert card.data.base_model == "test-org/tiny-clip"
@@ -97,13 +67,15 @@ def test_push_to_hub_uploads_the_saved_format_with_a_real_card(fresh_model, hub)
 def test_push_to_hub_keeps_a_readme_the_user_wrote(golden_model, hub):
     fake = hub(remote_readme=USER_README)
     golden_model.push_to_hub("me/prompts")
-    assert fake.calls["files"] == ["config.json", "model.safetensors"]  # their README stays
+    files = fake.files("me/prompts")
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
+    assert files["README.md"].decode() == USER_README  # their README stays
 
 
 def test_push_to_hub_replaces_its_own_old_placeholder_card(golden_model, hub):
     fake = hub(remote_readme=OLD_PLACEHOLDER_CARD)
     golden_model.push_to_hub("me/prompts")
-    assert "README.md" in fake.calls["files"] and 'from_pretrained("me/prompts")' in fake.calls["card"]
+    assert 'from_pretrained("me/prompts")' in fake.files("me/prompts")["README.md"].decode()
 
 
 def test_push_to_hub_refuses_a_bad_repo_id(golden_model, hub):
@@ -183,17 +155,17 @@ def test_from_pretrained_passes_hub_options(hf_cache, golden_model, monkeypatch)
     import huggingface_hub
 
     seen = []
-    real = huggingface_hub.hf_hub_download
+    real = huggingface_hub.snapshot_download
 
     def spy(*args, **kwargs):
         seen.append({k: kwargs.get(k) for k in ("token", "local_files_only", "force_download")})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     model = AnomalyCLIP.from_pretrained("test-org/anomalyclip-tiny", device="cpu", token="secret", local_files_only=True)
-    assert seen[:2] == [{"token": "secret", "local_files_only": True, "force_download": False}] * 2
+    assert seen[:1] == [{"token": "secret", "local_files_only": True, "force_download": False}]
     assert model.predict(IMAGE_A).score == pytest.approx(golden_model.predict(IMAGE_A).score, abs=1e-6)
-    with pytest.raises(WeightsNotFoundError, match="local_files_only=True and the file is not in the local"):
+    with pytest.raises(WeightsNotFoundError, match="local_files_only=True and the files are not in the local"):
         AnomalyCLIP.from_pretrained("test-org/not-cached", device="cpu", local_files_only=True)
     with pytest.raises(InvalidInputError, match="local_files_only and force_download must be True or False"):
         AnomalyCLIP.from_pretrained("test-org/anomalyclip-tiny", local_files_only="yes")

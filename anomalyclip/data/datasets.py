@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
-from ..errors import DatasetError, InvalidInputError
+from ..errors import DatasetError, InvalidInputError, with_fix
 from ..files import IMAGE_SUFFIXES, list_paths
 
 __all__ = [
@@ -307,9 +307,12 @@ def _finalize(
     if unmasked:
         what = f"{len(unmasked)} anomalous image(s) in '{root}' have no ground-truth mask: {list_paths(unmasked)}."
         if require_masks:
-            raise DatasetError(
-                f"{what} Expected masks {mask_hint}. Add the masks, or pass require_masks=False to use "
-                "these images for image-level scores only (their masks are then unknown, not normal)."
+            raise with_fix(
+                DatasetError,
+                f"{what} Expected masks {mask_hint}. Add the masks, or {{fix}} to use these images for image-level "
+                "scores only (their masks are then unknown, not normal).",
+                python="pass require_masks=False",
+                cli="pass --no-masks",
             )
         warnings.warn(
             f"{what} They are kept with mask_path=None: image-level use only (pixel metrics skip their classes).",

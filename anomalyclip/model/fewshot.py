@@ -53,6 +53,7 @@ def add_references(
             tile_overlap=tile_overlap if tile_size is not None else None,
             dpam_layers=config.dpam_layers,
             dpam_mode=config.dpam_mode,
+            backbone_fingerprint=model.backbone_fingerprint(),
         )
     else:
         memory.check_compatible(**model._reference_settings())

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import check_clip
+from ..backbone import backbone_fingerprint, check_clip
 from ..config import DEFAULT_BACKBONE, INFERENCE_OPTIONS, AnomalyCLIPConfig
 from ..errors import CheckpointError, InvalidInputError
 from ..eval.thresholds import Thresholds
@@ -94,6 +94,7 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
         self.register_buffer("token_ids", tokenize_prompts(config.n_ctx, clip.context_length), persistent=False)
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
         self._references: ReferenceMemory | None = None
+        self._fingerprint: tuple[int, str] | None = None  # (id of the CLIP, its backbone_fingerprint)
         self.eval()  # every constructor returns a model ready for inference; finetune switches modes itself
 
     # ------------------------------------------------------------------ construction
@@ -275,7 +276,7 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
         try:
             self._references.check_compatible(**self._reference_settings())
         except InvalidInputError as exc:
-            logger.warning("%s Until then, forward/predict raise this error.", exc)
+            logger.warning("%s Until then, forward/predict raise this error.", exc, extra={"anomalyclip_stale_references": True})
 
     # ------------------------------------------------------------------ properties
     @property
@@ -502,6 +503,8 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
                 f"model.references takes an anomalyclip.references.ReferenceMemory or None, got {type(memory).__name__}."
             )
         memory = memory if memory is None or len(memory) else None
+        if memory is not None:
+            memory.check_backbone(self.backbone_fingerprint(), self.config.backbone)
         if memory is not self._references:
             self._references = memory
             self._drop_thresholds("the references changed")
@@ -523,11 +526,19 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
 
     def _install_references(self, memory: ReferenceMemory) -> None:
         """Install a loaded profile's memory: its thresholds were chosen with it and stay."""
+        memory.check_backbone(self.backbone_fingerprint(), self.config.backbone)
         self._references = memory
         self._warn_if_references_stale()
 
+    def backbone_fingerprint(self) -> str:
+        """:func:`anomalyclip.backbone.backbone_fingerprint` of the frozen CLIP (computed once)."""
+        if self._fingerprint is None or self._fingerprint[0] != id(self.clip):
+            self._fingerprint = (id(self.clip), backbone_fingerprint(self.clip))
+        return self._fingerprint[1]
+
     def _set_references(self, memory: ReferenceMemory) -> None:
         """Install a grown or new memory (thresholds chosen before are dropped)."""
+        memory.check_backbone(self.backbone_fingerprint(), self.config.backbone)
         self._references = memory
         self._drop_thresholds("the references changed")
 

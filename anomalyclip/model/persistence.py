@@ -4,6 +4,13 @@ Built on ``huggingface_hub.ModelHubMixin`` (``_save_pretrained`` / ``_from_pretr
 ``PyTorchModelHubMixin``, which would save the frozen CLIP: a saved model is ``config.json``, the
 prompts (``model.safetensors``, loaded strictly), the few-shot references when there are some
 (``references.safetensors``) and a model card (``README.md``).
+
+``config.json`` records which references file the profile has (``"references":
+"references.safetensors"``, or ``null`` when zero-shot), so that a load never silently drops
+references it cannot find: a Hub repo's files are fetched from one revision
+(``snapshot_download``), and a file the config names but the folder, repo or offline cache
+lacks is an error. Configs written before the record (anomalyclip < 0.3) load the references
+when the file is there, as before.
 """
 
 from __future__ import annotations
@@ -23,17 +30,23 @@ from safetensors.torch import load_file, save_file
 from ..backbone import load_clip
 from ..card import MODEL_CARD_NAME, is_generated_card, write_model_card
 from ..config import CONFIG_NAME, WEIGHTS_NAME, AnomalyCLIPConfig
-from ..errors import CheckpointError, InvalidInputError
+from ..errors import CheckpointError, InvalidInputError, WeightsNotFoundError
 from ..files import atomic_path, atomic_write, cache_root
-from ..hub import hub_download, hub_download_if_present, is_repo_id
+from ..hub import hub_snapshot, is_offline, is_repo_id
 from ..options import InferenceOptions
 from ..presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset
 from ..references import REFERENCES_NAME, ReferenceMemory
 from ..runtime import resolve_device, resolve_dtype
 
-__all__ = ["HubPersistence"]
+__all__ = ["HubPersistence", "REFERENCES_KEY", "SAVED_FILES"]
 
 logger = logging.getLogger(__name__)
+
+#: The key of ``config.json`` that records the profile's references file (a name, or None).
+REFERENCES_KEY = "references"
+#: The files a saved model may have; a Hub load fetches these (from one revision) and nothing else.
+SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, REFERENCES_NAME, MODEL_CARD_NAME)
+_UNRECORDED = object()  # a config.json written before the references record
 
 
 class HubPersistence(ModelHubMixin):
@@ -123,34 +136,32 @@ class HubPersistence(ModelHubMixin):
     ) -> Any:
         """A saved model from a local directory or a Hub repo id (``ModelHubMixin``'s hook)."""
         path = Path(model_id).expanduser()
-        references_file: Path | None
         if path.is_dir():
-            files = {f: path / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
-            for f in files.values():
-                if not f.is_file():
-                    raise CheckpointError(
-                        f"'{path}' has no {f.name}; expected a directory written by save_pretrained "
-                        f"({CONFIG_NAME} + {WEIGHTS_NAME})."
-                    )
-            references_file = path / REFERENCES_NAME if (path / REFERENCES_NAME).is_file() else None
+            folder, where, hub = path, f"'{path}'", None
         elif is_repo_id(model_id) and not path.exists():
-            hub = dict(
+            folder = hub_snapshot(
+                model_id,
+                SAVED_FILES,
                 revision=revision,
                 cache_dir=cache_dir,
                 token=token,
                 local_files_only=local_files_only,
                 force_download=force_download,
+                what="saved model",
             )
-            files = {
-                CONFIG_NAME: hub_download(model_id, CONFIG_NAME, what="model config", **hub),
-                WEIGHTS_NAME: hub_download(model_id, WEIGHTS_NAME, what="prompt weights", **hub),
-            }
-            references_file = hub_download_if_present(model_id, REFERENCES_NAME, what="few-shot references", **hub)
+            where = f"Hub repo '{model_id}'" + (f" at revision '{revision}'" if revision else "")
+            hub = model_id
         else:
             raise InvalidInputError(
                 f"'{model_id}' is not a directory, a preset ({', '.join(sorted(PRESETS))}) or a Hub repo id "
                 "('org/name'). Check the path."
             )
+        offline = hub is not None and (local_files_only or is_offline())
+        files = {f: folder / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
+        for name, f in files.items():
+            if not f.is_file():
+                raise _missing_file(where, name, hub=hub, offline=offline)
+        references_file = _references_file(folder, where, hub=hub, offline=offline)
         return cls._from_files(files, cache_dir=cache_dir, references_file=references_file, **load)
 
     @classmethod
@@ -201,10 +212,8 @@ class HubPersistence(ModelHubMixin):
         ``quick_gelu`` that changes the backbone's activation drops the thresholds and the
         references, as ``reconfigure`` drops what a change invalidates."""
         config_file, weights_file = files[CONFIG_NAME], files[WEIGHTS_NAME]
-        try:
-            data = json.loads(Path(config_file).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"Cannot read {config_file}: {exc}") from exc
+        data = _read_config(config_file)
+        data.pop(REFERENCES_KEY, None)  # the saved folder's record, not a model setting
         config = AnomalyCLIPConfig.from_dict(data, source=str(config_file))
         backbone_changed = quick_gelu is not None and quick_gelu != config.quick_gelu
         config = config.replace(quick_gelu=quick_gelu)
@@ -281,8 +290,10 @@ class HubPersistence(ModelHubMixin):
             references.save(references_file)
         elif references_file.exists():
             references_file.unlink()  # never leave another profile's references beside these prompts
+        data = json.loads(model.config.to_json())
+        data[REFERENCES_KEY] = REFERENCES_NAME if references is not None else None
         with atomic_write(directory / CONFIG_NAME, "w") as handle:
-            handle.write(model.config.to_json())
+            handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def push_to_hub(  # type: ignore[override]
         self,
@@ -295,9 +306,12 @@ class HubPersistence(ModelHubMixin):
     ) -> str:
         """Save into a temporary directory and upload it to a Hub model repo in one commit.
 
-        Uploads ``config.json``, ``model.safetensors`` and the model card ``README.md`` (see
-        :meth:`save_pretrained`), whose usage snippet names ``repo_id``. A ``README.md`` already in
-        the repo that this library did not write is kept (the card is not uploaded).
+        Uploads ``config.json``, ``model.safetensors``, ``references.safetensors`` when the model
+        has references, and the model card ``README.md`` (see :meth:`save_pretrained`), whose usage
+        snippet names ``repo_id``. The same commit deletes a ``references.safetensors`` left in the
+        repo by an earlier push that the model no longer has (as :meth:`save_pretrained` does in a
+        folder). A ``README.md`` already in the repo that this library did not write is kept (the
+        card is not uploaded), as is every other file of the repo.
 
         Args:
             repo_id: ``org/name``; the repo is created if needed.
@@ -323,5 +337,74 @@ class HubPersistence(ModelHubMixin):
                 logger.info("Keeping the README.md of %s: it was not written by anomalyclip.", repo_id)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, model_card=not keep_theirs, repo_id=repo_id)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message,
+                allow_patterns=list(SAVED_FILES),
+                delete_patterns=[REFERENCES_NAME],  # uploaded files are never deleted: only a stale one goes
+            )
         return str(getattr(info, "commit_url", info))
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    """The JSON object of a saved ``config.json`` (a :class:`CheckpointError` if unreadable)."""
+    try:
+        data = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"Cannot read {config_file}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _missing_file(where: str, name: str, *, hub: str | None, offline: bool, named: bool = False) -> Exception:
+    """The error for a file of a saved model that ``where`` lacks (``named``: one its config names)."""
+    why = f"its {CONFIG_NAME} names it" if named else f"a saved model needs {CONFIG_NAME} and {WEIGHTS_NAME}"
+    if hub is None:
+        return CheckpointError(
+            f"{where} has no {name}, but {why}. Copy the whole folder written by save_pretrained "
+            f"({', '.join(SAVED_FILES[:-1])}), or save the model again."
+        )
+    if offline:
+        return WeightsNotFoundError(
+            f"Cannot load {where}: {name} is not in the local Hugging Face cache, and {why} (offline: "
+            f"HF_HUB_OFFLINE=1 or local_files_only=True). Download the whole repo once with network access "
+            f"(`hf download {hub}`) or point cache_dir/HF_HUB_CACHE at a cache that has it; loading without "
+            "it would silently change the model's decisions."
+        )
+    return CheckpointError(
+        f"{where} has no {name}, but {why}. Push the model again (model.push_to_hub('{hub}')), or load the "
+        "revision that has it (revision=...)."
+    )
+
+
+def _references_file(folder: Path, where: str, *, hub: str | None, offline: bool) -> Path | None:
+    """The references file of a saved model in ``folder``, by its config's record (see the module)."""
+    record = _read_config(folder / CONFIG_NAME).get(REFERENCES_KEY, _UNRECORDED)
+    candidate = folder / REFERENCES_NAME
+    if record is _UNRECORDED:  # written before the record: the file decides, as in anomalyclip 0.2
+        if candidate.is_file():
+            return candidate
+        if offline:
+            logger.warning(
+                "Cannot check %s for few-shot references (%s) offline: the profile's config.json (written before "
+                "anomalyclip 0.3) does not record them and they are not in the local cache. Loading without them.",
+                where,
+                REFERENCES_NAME,
+            )
+        return None
+    if record is None:
+        if candidate.is_file():
+            logger.info("Ignoring %s in %s: its config.json records no references.", REFERENCES_NAME, where)
+        return None
+    if record != REFERENCES_NAME:
+        raise CheckpointError(
+            f"{where}: {CONFIG_NAME} records references {record!r}; expected {REFERENCES_NAME!r} or null. Save the "
+            "model again."
+        )
+    if not candidate.is_file():
+        raise _missing_file(where, REFERENCES_NAME, hub=hub, offline=offline, named=True)
+    return candidate

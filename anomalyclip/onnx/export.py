@@ -26,6 +26,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import InvalidInputError, MissingDependencyError
+from ..files import give_default_mode
 from ..references import fuse_references, nearest_neighbor_distance_blocks, normalize_patch_tokens
 from ..scoring import anomaly_maps, gaussian_blur, image_scores
 from ..ops import get_cpu_low_precision_matmul, set_cpu_low_precision_matmul
@@ -431,6 +432,8 @@ def _save_atomically(program: Any, path: Path, external: bool) -> None:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         program.save(tmp_dir / path.name, external_data=external)
+        for written in tmp_dir.iterdir():
+            give_default_mode(written)  # the umask's mode, as any file the library saves
         if external:
             os.replace(tmp_dir / data.name, data)
         os.replace(tmp_dir / path.name, path)

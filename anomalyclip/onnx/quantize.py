@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, InvalidInputError
+from ..files import give_default_mode
 from .metadata import REFERENCE_BUFFER_PREFIX, OnnxMetadata
 
 __all__ = ["quantize_int8", "QUANTIZATION"]
@@ -157,6 +158,7 @@ def quantize_int8(source: str | os.PathLike, destination: str | os.PathLike, *, 
         for key, value in sorted(entries.items()):
             quantized.metadata_props.add(key=key, value=value)
         onnx.save(quantized, str(tmp))
+        give_default_mode(tmp)
         os.replace(tmp, destination)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

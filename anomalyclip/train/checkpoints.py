@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME
-from ..errors import CheckpointError, InvalidInputError
+from ..errors import CheckpointError, InvalidInputError, with_fix
 from ..files import atomic_path, atomic_write
 from .interface import TrainableModel
 
@@ -141,9 +141,11 @@ def check_output_dir(out: Path, resumed_from: Path | None) -> None:
         return
     if resumed_from is not None and out.resolve() in (resumed_from.resolve(), resumed_from.resolve().parent):
         return
-    raise InvalidInputError(
-        f"output_dir '{out}' already holds checkpoints of a training run; pass resume_from='{out}' to continue "
-        "it, or choose an empty output_dir."
+    raise with_fix(
+        InvalidInputError,
+        f"output_dir '{out}' already holds checkpoints of a training run; {{fix}}.",
+        python=f"pass resume_from='{out}' to continue it, or choose an empty output_dir",
+        cli=f"pass --resume {out} to continue it, or choose an empty --out",
     )
 
 

@@ -93,13 +93,22 @@ def _histogram(ax: Any, details: ClassDetails, threshold: float | None, title: s
     lines = [(threshold, "model threshold", "-", "#222222")] if threshold is not None else []
     if details.f1_threshold is not None:
         lines.append((details.f1_threshold, "F1-max threshold", "--", "#7a3db8"))
-    marks = [t for t, *_ in lines]
-    edges = np.histogram_bin_edges(np.concatenate([scores, marks]), bins=int(np.clip(scores.size // 3, 10, 40)))
+    # Bins over the scores only, widened to a threshold that lies close by; a threshold far off the
+    # scores (over half their range away) is drawn at the edge, labelled "off scale".
+    lo, hi = float(scores.min()), float(scores.max())
+    span = max(hi - lo, 1e-6)
+    near = [t for t, *_ in lines if lo - span / 2 <= t <= hi + span / 2]
+    lo, hi = min([lo, *near]), max([hi, *near])
+    edges = np.histogram_bin_edges(scores, bins=int(np.clip(scores.size // 3, 10, 40)), range=(lo, hi if hi > lo else lo + 1e-6))
     for mask, name, color in ((~labels, "normal", _NORMAL_COLOR), (labels, "anomalous", _ANOMALOUS_COLOR)):
         if mask.any():
             ax.hist(scores[mask], bins=edges, alpha=0.55, color=color, label=f"{name} ({int(mask.sum())})")
+    pad = (edges[-1] - edges[0]) * 0.03
+    ax.set_xlim(edges[0] - pad, edges[-1] + pad)
     for value, name, style, color in lines:
-        ax.axvline(value, linestyle=style, color=color, lw=1.4, label=f"{name} {value:.3g}")
+        shown = min(max(value, edges[0] - pad / 2), edges[-1] + pad / 2)
+        side = "" if shown == value else (" (off scale, right)" if value > shown else " (off scale, left)")
+        ax.axvline(shown, linestyle=style, color=color, lw=1.4, label=f"{name} {value:.3g}{side}")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("image score", fontsize=9)
     ax.set_ylabel("images", fontsize=9)

@@ -128,12 +128,14 @@ def evaluate(
         images all have masks. ``settings`` records ``shots`` (the number of references; 0 for
         zero-shot), ``seed`` and, with ``shots``, the drawn ``reference_images`` per class.
     """
+    if isinstance(shots, bool):
+        raise InvalidInputError(f"shots must be an int >= 0 or None, got {shots!r}.")
     run = dict(batch_size=batch_size, num_workers=num_workers, progress=progress, details=details)
-    if shots is None:
+    if shots is None or (shots == 0 and model.references is None):
         report = _evaluate(model, dataset, **run)
         report.settings.update(shots=model.num_references, seed=None)
         return report
-    if shots == 0 and not isinstance(shots, bool):
+    if shots == 0:  # put the references (and their thresholds) aside
         own_references, own_thresholds = model.references, model.thresholds
         model.thresholds = None  # dropping the references would drop them, with a warning
         model.references = None

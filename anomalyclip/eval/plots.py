@@ -49,9 +49,10 @@ def class_figure(
     from matplotlib.figure import Figure
 
     panels = 2 + len(runs)
-    fig = Figure(figsize=(3.4 * panels, 3.3), dpi=100, layout="constrained")
+    fig = Figure(figsize=(3.4 * panels, 3.3), dpi=100)
     FigureCanvasAgg(fig)
     roc, pr, *hists = fig.subplots(1, panels)
+    fig.subplots_adjust(left=0.055 * 4 / panels, right=0.99, bottom=0.15, top=0.92, wspace=0.3)
     last = len(runs) - 1
     for r, ((label, details, _), values) in enumerate(zip(runs, metrics)):
         style = "-" if r == last else "--"

@@ -78,7 +78,7 @@ def _assert_self_contained(page: str) -> None:
     assert "http://" not in page and "https://" not in page
     assert "<link" not in page and "@import" not in page and "url(" not in page
     sources = re.findall(r'\bsrc="([^"]*)"', page)
-    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert sources and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in sources)
     assert all(h.startswith("#") for h in re.findall(r'\bhref="([^"]*)"', page))
     for uri in sources:  # every picture decodes
         Image.open(io.BytesIO(__import__("base64").b64decode(uri.split(",", 1)[1]))).verify()
@@ -156,8 +156,8 @@ def test_details_curves_match_the_table_and_worst_cases_are_the_extremes(report)
         assert [c.score for c in d.worst_anomalous] == pytest.approx(np.sort(scores[labels])[:WORST_CASES].tolist())
         assert {c.label for c in d.worst_normal} == {0} and {c.label for c in d.worst_anomalous} == {1}
         assert all(f"{name}/test/good/" in c.path for c in d.worst_normal)
-        thumbnail = Image.open(io.BytesIO(d.worst_anomalous[0].png))
-        assert max(thumbnail.size) <= THUMBNAIL_SIDE and thumbnail.mode == "RGB"
+        thumbnail = Image.open(io.BytesIO(d.worst_anomalous[0].jpeg))
+        assert max(thumbnail.size) <= THUMBNAIL_SIDE and thumbnail.mode == "RGB" and thumbnail.format == "JPEG"
         # the F1-max threshold is a score of the class, and deciding with >= it gives the F1-max
         t = d.f1_threshold
         predicted = scores >= t

@@ -10,7 +10,7 @@ Per class, at a bounded cost (nothing here grows with the number of pixels):
   ``max_points`` points by :func:`thin_curve`;
 * the worst cases: the ``k`` highest-scoring normal images and the ``k`` lowest-scoring anomalous
   ones, kept in two heaps of ``k`` maps while the class streams past (:class:`WorstCases`), and
-  rendered at the end of the class as small overlay PNGs with the ground-truth contour.
+  rendered at the end of the class as small overlay JPEGs with the ground-truth contour.
 
 Curve thinning (:func:`thin_curve`): the points are binned by their arc length along the curve
 (``|dx| + |dy|``, both axes in [0, 1]) into ``max_points`` equal bins, and the first and last
@@ -68,21 +68,22 @@ def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int = MAX_CURVE_POINTS)
 
 @dataclass
 class WorstCase:
-    """One worst case of a class: the image, its score and label, and its overlay as a PNG.
+    """One worst case of a class: the image, its score and label, and its overlay as a JPEG.
 
     Attributes:
         path: the image file.
         score: its image score.
         label: 0 normal (a high score: a would-be false alarm), 1 anomalous (a low score: a miss).
-        png: the overlay (heat map at the evaluation's fixed colour range and, for anomalous
+        jpeg: the overlay (heat map at the evaluation's fixed colour range and, for anomalous
             images with a mask, the ground-truth contour in white), at most
-            :data:`THUMBNAIL_SIDE` pixels on a side, PNG-encoded.
+            :data:`THUMBNAIL_SIDE` pixels on a side, JPEG-encoded (quality 90: a fifth of a PNG's
+            size for these noisy pictures, which keeps a page of many classes small).
     """
 
     path: str
     score: float
     label: int
-    png: bytes
+    jpeg: bytes
 
 
 class WorstCases:
@@ -117,7 +118,7 @@ class WorstCases:
         for key, index, amap, mask in sorted(heap, key=lambda e: (-e[0], e[1])):
             path = samples[index].image_path
             picture = _overlay_thumbnail(path, amap, vmin, vmax, mask if mask is not None and mask.any() else None)
-            out.append(WorstCase(path=os.fspath(path), score=float(-key if label else key), label=label, png=picture))
+            out.append(WorstCase(path=os.fspath(path), score=float(-key if label else key), label=label, jpeg=picture))
         return out
 
 
@@ -136,7 +137,7 @@ def _overlay_thumbnail(path: Any, amap: np.ndarray, vmin: float, vmax: float, ma
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR)
     picture = overlay(image, amap, vmin=vmin, vmax=vmax, mask=mask, contour_width=1)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
+    picture.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 

@@ -3,7 +3,7 @@
 The page holds the run (model, options, references, thresholds, data set, version, date), the
 metrics table, and per class the ROC and precision-recall curves (image and pixel level), the
 image-score histogram with the thresholds, and the worst cases as overlays. Every picture is a
-``data:`` URI (PNG), the style sheet is inline, and nothing is fetched: the file opens offline
+``data:`` URI (PNG figures, JPEG thumbnails), the style sheet is inline, and nothing is fetched: the file opens offline
 and can be mailed as it is. The curve points are also embedded as JSON
 (``<script type="application/json" id="report-data">``) for anyone who wants the numbers.
 
@@ -267,7 +267,7 @@ def _grid(cases: list[WorstCase], root: str) -> str:
     for case in cases:
         shown = os.path.relpath(case.path, root) if root and _inside(case.path, root) else case.path
         cards.append(
-            f'<figure><img alt="{_esc(shown)}" src="{_data_uri(case.png)}">'
+            f'<figure><img alt="{_esc(shown)}" src="{_data_uri(case.jpeg, "image/jpeg")}">'
             f"<figcaption>score <b>{case.score:.4g}</b><br>{_esc(shown)}</figcaption></figure>"
         )
     return f'<div class="grid">{"".join(cards)}</div>'
@@ -312,8 +312,8 @@ def _inside(path: str, root: str) -> bool:
         return False
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def _data_uri(picture: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(picture).decode("ascii")
 
 
 def _percent(value: float | None) -> str:

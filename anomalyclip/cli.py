@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="few-shot protocol: per class, K normal training images drawn with --seed become the references",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw (default 0)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help='also write report.html: curves, score histograms, worst cases (pip install "anomalyclip[report]"); '
+        "with --shots, a zero-shot run beside the few-shot one",
+    )
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("finetune", help="learn prompts on auxiliary data (the paper's glocal training)")
@@ -373,6 +379,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, args.format, split=args.split, require_masks=not args.no_masks)
     if args.classes:
         dataset = dataset.subset(args.classes)
+    if args.report:
+        from .eval.plots import require_matplotlib
+
+        require_matplotlib()  # before the run, not after it
     model = _load_model(args, uses_references=args.shots is None)
     report = evaluate(
         model,
@@ -382,8 +392,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         shots=args.shots,
         seed=args.seed,
+        details=args.report,
     )
-    write_reports(report, args.out)
+    zero_shot = None
+    if args.report and args.shots:  # the page shows zero-shot beside few-shot
+        zero_shot = evaluate(
+            model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.quiet, shots=0, details=True
+        )
+    from .presets import DEFAULT_PRESET
+
+    for run in (report, zero_shot):
+        if run is not None:
+            run.settings["model"] = args.model or DEFAULT_PRESET
+    write_reports(report, args.out, html=args.report, compare=zero_shot)
     print(format_table(report))
     return 0
 

@@ -47,6 +47,8 @@ from scipy import ndimage
 from ..errors import InvalidInputError
 
 __all__ = [
+    "METRIC_NAMES",
+    "METRIC_HEADERS",
     "image_auroc",
     "image_ap",
     "image_f1_max",
@@ -62,9 +64,25 @@ __all__ = [
     "RankCounts",
     "rank_counts",
     "f1_curve",
+    # curve points of the same counts, for plots (anomalyclip.eval.details)
+    "roc_points",
+    "pr_points",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Metric keys in the order of the paper's tables (image-level first), as ``compute_metrics`` names them.
+METRIC_NAMES = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_aupro",
+    "pixel_ap",
+    "pixel_f1_max",
+)
+#: Their column headers in the paper's tables.
+METRIC_HEADERS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "AUPRO", "P-AP", "P-F1max")
 
 # 8-connectivity, as skimage.measure.label uses on a 2-D mask by default.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -234,6 +252,36 @@ def _ap(c: RankCounts) -> float:
 def f1_curve(c: RankCounts) -> np.ndarray:
     """``[K]`` float64 F1 = 2PR / (P + R) = 2 TP / (TP + FP + n_pos) at each threshold."""
     return 2.0 * c.tps / (c.tps + c.fps + c.n_pos)
+
+
+def roc_points(c: RankCounts) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve ``(fpr, tpr)``, ``[2K + 2]`` float64 each, whose trapezoid area is the AUROC.
+
+    From (0, 0) to (1, 1): at each threshold t_i, a point just above it
+    ``(fps_strict_i, tps_{i-1})`` and one at it ``(fps_i, tps_i)``; the segment between them is
+    the diagonal step of tied values, so ``trapezoid(tpr, fpr)`` equals :func:`_auroc` (sklearn's
+    ``roc_auc_score``) to round-off. Consecutive points may repeat (zero-length segments).
+    """
+    k = c.tps.size
+    fps = np.empty(2 * k + 2, dtype=np.float64)
+    tps = np.empty(2 * k + 2, dtype=np.float64)
+    fps[0] = tps[0] = 0.0
+    fps[1 : 2 * k + 1 : 2] = c.fps_strict
+    tps[1 : 2 * k + 1 : 2] = np.concatenate(([0], c.tps[:-1]))
+    fps[2 : 2 * k + 2 : 2] = c.fps
+    tps[2 : 2 * k + 2 : 2] = c.tps
+    fps[-1], tps[-1] = c.n_neg, c.n_pos
+    return fps / c.n_neg, tps / c.n_pos
+
+
+def pr_points(c: RankCounts) -> tuple[np.ndarray, np.ndarray]:
+    """The precision-recall curve ``(recall, precision)``, ``[K]`` float64 each, recall increasing.
+
+    One point per threshold where the recall changes; AP is its step area
+    ``sum_i (recall_i - recall_{i-1}) * precision_i`` with ``recall_{-1} = 0`` (:func:`_ap`), and
+    F1-max is ``max 2 P R / (P + R)`` over the points (:func:`_f1_max`).
+    """
+    return c.tps / c.n_pos, c.tps / (c.tps + c.fps)
 
 
 def _f1_max(c: RankCounts) -> float:
@@ -433,6 +481,8 @@ def compute_metrics(
     labels: ArrayLike,
     maps: ArrayLike | None = None,
     masks: ArrayLike | None = None,
+    *,
+    counts: dict[str, RankCounts] | None = None,
 ) -> dict[str, float]:
     """All metrics of one class (or one data set) as in the paper's tables.
 
@@ -441,6 +491,10 @@ def compute_metrics(
         labels: ``[N]`` image labels, bool or {0, 1}.
         maps: optional ``[N, H, W]`` anomaly maps of the same N images.
         masks: optional ``[N, H, W]`` ground-truth masks; required together with ``maps``.
+        counts: optional dict that receives the :class:`RankCounts` the metrics were computed
+            from, under ``"image"`` and ``"pixel"`` (where defined): the curves of
+            :func:`roc_points` and :func:`pr_points` then come from the same sort, at no extra
+            pass over the maps (the evaluation report's plots).
 
     Returns:
         ``{"image_auroc", "image_ap", "image_f1_max"}`` and, when maps and masks are given,
@@ -455,6 +509,8 @@ def compute_metrics(
     if _both_classes(labels, "image metrics"):
         c = rank_counts(scores, labels)
         result.update(image_auroc=_auroc(c), image_ap=_ap(c), image_f1_max=_f1_max(c))
+        if counts is not None:
+            counts["image"] = c
     else:
         result.update(image_auroc=math.nan, image_ap=math.nan, image_f1_max=math.nan)
     if maps is None:
@@ -473,6 +529,8 @@ def compute_metrics(
             pixel_ap=_ap(c),
             pixel_f1_max=_f1_max(c),
         )
+        if counts is not None:
+            counts["pixel"] = c
     else:
         result.update(pixel_auroc=math.nan, pixel_aupro=math.nan, pixel_ap=math.nan, pixel_f1_max=math.nan)
     return result

@@ -337,7 +337,14 @@ def create_app(source: Source, settings: ServeSettings | None = None, *, runner:
         )
 
     def answer(
-        decoded: DecodedImage, result: AnomalyResult, engine: Engine, name: str | None, want_map: bool, want_overlay: bool, alpha: float
+        decoded: DecodedImage,
+        result: AnomalyResult,
+        engine: Engine,
+        name: str | None,
+        want_map: bool,
+        want_overlay: bool,
+        alpha: float,
+        outline: bool,
     ) -> dict[str, Any]:
         height, width = decoded.size
         body: dict[str, Any] = {
@@ -356,7 +363,7 @@ def create_app(source: Source, settings: ServeSettings | None = None, *, runner:
         if want_overlay:
             from ..visualize import overlay
 
-            picture = overlay(decoded.image, result.anomaly_map, alpha=alpha, vmin=lo, vmax=hi, mask=result.mask)
+            picture = overlay(decoded.image, result.anomaly_map, alpha=alpha, vmin=lo, vmax=hi, mask=result.mask if outline else None)
             body["overlay_png"] = png_base64(picture)
         if state.store is not None:
             row = state.store.add(
@@ -392,6 +399,7 @@ def create_app(source: Source, settings: ServeSettings | None = None, *, runner:
         image_threshold: float | None = Query(None, description="override the image threshold (label = score > it)"),
         pixel_threshold: float | None = Query(None, description="override the pixel threshold (outlined on the overlay)"),
         alpha: float = Query(0.5, ge=0.0, le=1.0, description="heat-map opacity in the overlay"),
+        outline: bool = Query(True, description="outline the pixel-threshold mask on the overlay"),
         name: str | None = Query(None, max_length=256, description="a name recorded in the inspection log"),
     ) -> dict[str, Any]:
         authorize(request)
@@ -418,7 +426,7 @@ def create_app(source: Source, settings: ServeSettings | None = None, *, runner:
         except ResourceError as exc:
             raise ApiError(503, f"Out of memory on this batch: {exc}", retry) from exc
         return await loop.run_in_executor(
-            state.pool, answer, decoded, result, engine, name or filename, map, overlay, alpha
+            state.pool, answer, decoded, result, engine, name or filename, map, overlay, alpha, outline
         )
 
     @app.get("/v1/results", summary="Page through the inspection log (newest first)")

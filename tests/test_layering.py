@@ -131,6 +131,7 @@ _UPPER = (
     "anomalyclip.predict_io",
     "anomalyclip.distributed",
     "anomalyclip.onnx",
+    "anomalyclip.serve",
 )
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
-pytest.importorskip("multipart")
+pytest.importorskip("python_multipart")
 
 import httpx  # noqa: E402
 

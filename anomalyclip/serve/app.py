@@ -163,7 +163,7 @@ def create_app(source: Source, settings: ServeSettings | None = None, *, runner:
         A FastAPI app; run it with uvicorn (``anomalyclip serve``) or mount it under Ray Serve.
     """
     fastapi = require("fastapi")
-    require("multipart")  # python-multipart, for request.form()
+    require("python_multipart")  # python-multipart, for request.form()
     from fastapi import Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response

@@ -14,10 +14,12 @@ import io
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +274,12 @@ def _bad_requests(images):
     tiny = Image.new("RGB", (8, 8))  # smaller than one patch (14)
     deep = Image.fromarray(np.full((32, 32), 40000, np.uint16))  # 16-bit
     good = png(images[0])
+    # a PNG header announcing 30000 x 30000 pixels (Pillow's decompression-bomb guard) and no data
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    bomb += struct.pack(">I", 0) + b"IDAT" + struct.pack(">I", zlib.crc32(b"IDAT"))
     return [
+        ("decompression bomb", dict(files={"file": ("a.png", bomb, "image/png")}), 413),
         ("not an image", dict(files={"file": ("a.png", b"this is text", "image/png")}), 400),
         ("truncated", dict(files={"file": ("a.png", good[: len(good) // 2], "image/png")}), 400),
         ("empty", dict(content=b"", headers={"content-type": "image/png"}), 400),
@@ -304,6 +311,8 @@ def test_every_bad_request_gets_its_4xx_json_and_the_service_stays_up(app, image
     for (name, bad, good), code in zip(answers, expected):
         assert bad.status_code == code, (name, bad.status_code, bad.text)
         assert isinstance(bad.json()["error"], str) and bad.json()["error"], name
+        if name == "decompression bomb":  # refused by Pillow's guard, from the header alone
+            assert "decompression-bomb" in bad.json()["error"]
         assert good.status_code == 200, name
 
 

@@ -435,9 +435,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model):
-    """``anomalyclip serve`` in a subprocess on 127.0.0.1 (token, store), the model saved at S = 112."""
+@pytest.fixture(scope="module", autouse=True)
+def server_process(tmp_path_factory, model):
+    """``anomalyclip serve`` in a subprocess on 127.0.0.1 (token, store), the model saved at S = 112.
+
+    Started when the module starts (autouse), so that its start-up overlaps the in-process tests."""
     root = tmp_path_factory.mktemp("serve")
     model.save_pretrained(root / "model")
     port = _free_port()
@@ -445,21 +447,8 @@ def server(tmp_path_factory, model):
     cmd = [sys.executable, "-m", "anomalyclip.cli", "-q", "serve", str(root / "model"), "--device", "cpu"]
     cmd += ["--port", str(port), "--store", str(root / "results.db"), "--max-batch-size", "8", "--batch-wait-ms", "20"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"anomalyclip serve exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("anomalyclip serve did not become healthy in 90 s")
-            time.sleep(0.2)
-        yield url
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -467,6 +456,24 @@ def server(tmp_path_factory, model):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(server_process) -> str:
+    """The URL of the served process, once ``/v1/health`` answers 200."""
+    proc, url = server_process
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"anomalyclip serve exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("anomalyclip serve did not become healthy in 120 s")
+        time.sleep(0.2)
 
 
 def test_real_process_client_token_and_concurrency(server, images, reference):

@@ -116,7 +116,12 @@ class _Guard:
 
         try:
             length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
+            if length is not None and not length.isdigit():
+                metrics.errors.labels(kind="400").inc()
+                await _send_json(send_counted, 400, {"error": "Bad Content-Length header."})
+                return
+            if length is not None and int(length) > limit:
+                metrics.errors.labels(kind="413").inc()
                 await _send_json(send_counted, 413, {"error": _too_large(limit)})
                 return
             seen = [0]

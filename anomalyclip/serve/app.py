@@ -430,9 +430,10 @@ def create_app(source: Source, settings: ServeSettings | None = None, *, runner:
             raise ApiError(503, f"Busy: {exc}", retry) from exc
         except ResourceError as exc:
             raise ApiError(503, f"Out of memory on this batch: {exc}", retry) from exc
-        return await loop.run_in_executor(
-            state.pool, answer, decoded, result, engine, name or filename, map, overlay, alpha, outline
-        )
+        work = (decoded, result, engine, name or filename, map, overlay, alpha, outline)
+        if not (map or overlay or state.store is not None or settings.keep_maps):
+            return answer(*work)  # only numbers: no PNG to encode, no file to write, no thread hop
+        return await loop.run_in_executor(state.pool, answer, *work)
 
     @app.get("/v1/results", summary="Page through the inspection log (newest first)")
     async def results(

@@ -566,3 +566,32 @@ def test_web_inspector_in_a_headless_browser(server):
         driver.quit()
     with Client(server, token=TOKEN) as client:
         assert abs(client.predict(IMAGE_A)["score"] - score) < 1e-4  # the page shows the service's score
+
+
+# ----------------------------------------------------------------------------- packaging
+def test_cli_and_package_import_no_server_libraries():
+    code = (
+        "import sys, anomalyclip.cli, anomalyclip.serve\n"
+        "anomalyclip.cli.build_parser()\n"
+        "print([m for m in ('fastapi', 'uvicorn', 'httpx', 'prometheus_client', 'ray', 'torch') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_missing_serve_extra_names_it(monkeypatch, model):
+    from anomalyclip.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(MissingDependencyError, match=r'pip install "anomalyclip\[serve\]"'):
+        create_app(model)
+
+
+def test_the_page_is_package_data():
+    from importlib import resources
+
+    page = resources.files("anomalyclip.serve").joinpath("static/inspector.html").read_text(encoding="utf-8")
+    assert 'id="file"' in page and 'id="pthr"' in page and 'id="opacity"' in page
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"anomalyclip.serve" = ["static/*.html"]' in text

@@ -199,7 +199,7 @@ def test_batcher_bounded_queue_and_failing_batch():
         calls.append(items)
         if -1 in items:
             raise ResourceError("out of memory (test)")
-        release.wait(10)
+        release.wait(120)
         return [x * 10 for x in items]
 
     async def main():
@@ -227,7 +227,7 @@ def test_full_queue_answers_503_with_retry_after(model, images):
 
     class SlowEngine(Engine):
         def run(self, items, thresholds):
-            release.wait(10)
+            release.wait(120)  # set by the test; the timeout only keeps a broken test from hanging
             return super().run(items, thresholds)
 
     app = create_app(SlowEngine(model), ServeSettings(max_batch_size=1, batch_wait_ms=0, max_queue=1, retry_after_s=3))
@@ -242,8 +242,11 @@ def test_full_queue_answers_503_with_retry_after(model, images):
         rest = [await t for t in pending]
         return done_first, rest
 
-    refused, rest = call(app, run)
-    assert [r.status_code for r in refused] == [503, 503]
+    try:
+        refused, rest = call(app, run)
+    finally:
+        release.set()
+    assert [r.status_code for r in refused] == [503, 503], [r.text for r in refused]
     assert all(r.headers["retry-after"] == "3" and "Busy" in r.json()["error"] for r in refused)
     assert [r.status_code for r in rest] == [200, 200]
 

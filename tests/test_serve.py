@@ -526,7 +526,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil
 
 
 @pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()), reason="needs chromium and chromedriver")
-def test_web_inspector_in_a_headless_browser(server):
+def test_web_inspector_in_a_headless_browser(server, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -562,9 +562,11 @@ def test_web_inspector_in_a_headless_browser(server):
         area = float(driver.find_element(By.ID, "area").text.rstrip(" %"))
         assert 0.0 < area < 100.0 and abs(area - expected) <= 0.1
         driver.execute_script("const s = document.getElementById('opacity'); s.value = 0.6; s.dispatchEvent(new Event('input'));")
-        docs = ROOT / "docs" / "images"
-        docs.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(docs / "inspector.png"))
+        shot = tmp_path / "inspector.png"
+        driver.save_screenshot(str(shot))
+        assert Image.open(shot).size[0] > 0
+        if os.environ.get("ANOMALYCLIP_UPDATE_SCREENSHOT") == "1":  # refresh the one in docs/ on purpose only
+            shutil.copyfile(shot, ROOT / "docs" / "images" / "inspector.png")
     finally:
         driver.quit()
     with Client(server, token=TOKEN) as client:

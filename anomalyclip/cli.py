@@ -1,4 +1,4 @@
-"""The ``anomalyclip`` command line: predict, evaluate, finetune, convert, fetch, export.
+"""The ``anomalyclip`` command line: predict, evaluate, finetune, convert, fetch, export, serve.
 
 Run ``anomalyclip COMMAND --help`` for the options of each command.
 """
@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
     p.set_defaults(handler=_export)
+
+    from .serve.cli import add_serve_parser  # argparse only: FastAPI loads when the command runs
+
+    add_serve_parser(sub, _add_model_options)
     return parser
 
 

@@ -142,6 +142,7 @@ _UPPER = (
     "anomalyclip.predict_io",
     "anomalyclip.distributed",
     "anomalyclip.onnx",
+    "anomalyclip.serve",
 )
 
 

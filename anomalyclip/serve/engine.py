@@ -1,0 +1,177 @@
+"""The service's one link to the model: image bytes -> a preprocessed image; a batch -> results.
+
+Everything the HTTP layer (:mod:`anomalyclip.serve.app`) knows about the model goes through
+:class:`Engine`, so that another predictor can take its place by offering the same four members
+(:meth:`Engine.decode`, :meth:`Engine.run`, :meth:`Engine.thresholds`, :meth:`Engine.info`).
+Decoding uses the library's preprocessing (:meth:`AnomalyCLIP.preprocess`); the batch runs the
+model's tensor API (``model(pixel_values)``) and resizes each map to its image's size as
+:meth:`AnomalyCLIP.predict` does, so a served answer equals ``model.predict(image)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from .._version import __version__
+from ..errors import ImageLoadError, InvalidInputError
+from ..outputs import AnomalyResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import AnomalyCLIP
+
+__all__ = ["DecodedImage", "Engine", "ImageTooLargeError", "IMAGE_FORMATS"]
+
+#: Image formats the service decodes (Pillow format names); others are refused before decoding.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+
+
+class ImageTooLargeError(InvalidInputError):
+    """The image has more pixels than the service accepts (HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One request's image, decoded and preprocessed.
+
+    Attributes:
+        pixel_values: float32 ``[3, S, S]``, normalized (the model's preprocessing).
+        size: the image's original ``(height, width)`` in pixels.
+        image: the decoded PIL image (for overlays).
+    """
+
+    pixel_values: "torch.Tensor"
+    size: tuple[int, int]
+    image: Image.Image
+
+
+def _check_threshold(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+class Engine:
+    """A loaded model behind the service (one per process or Ray replica).
+
+    Args:
+        model: an :class:`~anomalyclip.AnomalyCLIP`; it is put in eval mode and not changed.
+    """
+
+    def __init__(self, model: "AnomalyCLIP") -> None:
+        self.model = model.eval()
+
+    def decode(self, data: bytes, max_pixels: int) -> DecodedImage:
+        """Decode image bytes and preprocess them for the model (thread-safe; run off the event loop).
+
+        Args:
+            data: the encoded image (PNG, JPEG, BMP, TIFF, WEBP, GIF or PPM).
+            max_pixels: largest accepted ``width * height``, checked before the pixels are decoded.
+
+        Raises:
+            ImageLoadError: empty, not an image, truncated or corrupt.
+            ImageTooLargeError: more than ``max_pixels`` pixels, or a Pillow decompression bomb.
+            InvalidInputError: an image the model cannot take (unsupported mode, smaller than a patch).
+        """
+        if not data:
+            raise ImageLoadError("The request holds no image (empty body or file).")
+        try:
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"Image refused by Pillow's decompression-bomb guard: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageLoadError(f"Not an image this service decodes; send {', '.join(IMAGE_FORMATS)}.") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(f"Cannot read the image header (corrupt file?): {exc}") from exc
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"Image of {width}x{height} = {width * height} pixels is over the limit of {max_pixels}; "
+                "send a smaller image (or start the service with a larger --max-pixels)."
+            )
+        try:
+            img.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"Image refused by Pillow's decompression-bomb guard: {exc}") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(f"Cannot decode the image (truncated or corrupt): {exc}") from exc
+        pixel_values = self.model.preprocess(img)[0]
+        return DecodedImage(pixel_values=pixel_values, size=(height, width), image=img)
+
+    def thresholds(self, image: float | None = None, pixel: float | None = None) -> tuple[float | None, float | None]:
+        """The ``(image, pixel)`` thresholds of a request: each given value, else the model's own, else None.
+
+        Raises:
+            InvalidInputError: a given value is not a finite number.
+        """
+        image, pixel = _check_threshold("image_threshold", image), _check_threshold("pixel_threshold", pixel)
+        own = self.model.thresholds
+        if own is not None:
+            image = own.image if image is None else image
+            pixel = own.pixel if pixel is None else pixel
+        return image, pixel
+
+    def run(self, images: Sequence[DecodedImage], thresholds: Sequence[tuple[float | None, float | None]]) -> list[AnomalyResult]:
+        """Score a batch in one forward pass (call from one thread at a time).
+
+        Args:
+            images: decoded images (any sizes; all are processed at S x S).
+            thresholds: per image, the ``(image, pixel)`` thresholds from :meth:`thresholds`.
+
+        Returns:
+            One :class:`AnomalyResult` per image, its map resized to the image's size.
+
+        Raises:
+            ResourceError: the batch does not fit in memory (only this batch fails).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        pixel_values = torch.stack([item.pixel_values for item in images])  # [B, 3, S, S]
+        with torch.inference_mode():
+            out = self.model(pixel_values)
+            scores = out.scores.float().cpu().tolist()
+            maps = [
+                F.interpolate(out.anomaly_maps[i][None, None], size=item.size, mode="bilinear", align_corners=False)[0, 0]
+                .float()
+                .cpu()
+                .numpy()
+                for i, item in enumerate(images)
+            ]
+        return [
+            AnomalyResult(score=float(score), anomaly_map=m, image_threshold=image_t, pixel_threshold=pixel_t)
+            for score, m, (image_t, pixel_t) in zip(scores, maps, thresholds)
+        ]
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """``(lo, hi)``: the range of map values (:attr:`AnomalyCLIP.map_range`)."""
+        lo, hi = self.model.map_range
+        return float(lo), float(hi)
+
+    def info(self) -> dict[str, Any]:
+        """What is loaded (``GET /v1/model``): backbone, sizes, layers, references, thresholds, version."""
+        model, config = self.model, self.model.config
+        own = model.thresholds
+        references = model.num_references
+        return {
+            "backbone": config.backbone,
+            "image_size": config.image_size,
+            "feature_layers": list(config.feature_layers),
+            "references": references,
+            "mode": "few-shot" if references else "zero-shot",
+            "thresholds": None if own is None else {"image": own.image, "pixel": own.pixel},
+            "map_range": list(self.map_range),
+            "device": str(model.device),
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "version": __version__,
+        }

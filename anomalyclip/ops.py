@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_linear
 from .errors import InvalidInputError
 
 __all__ = [
@@ -85,13 +86,25 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, alpha: float = 1.0, beta: float = 1.0
 ) -> torch.Tensor:
-    """``beta * bias + alpha * x @ weight^T`` over the last dimension of ``x``, in ``x``'s dtype."""
+    """``beta * bias + alpha * x @ weight^T`` over the last dimension of ``x``, in ``x``'s dtype.
+
+    On the CPU, outside autograd, the product runs through oneDNN with ``weight`` packed once where
+    that is the faster kernel (see :mod:`anomalyclip.cpu_linear`).
+    """
     dtype = x.dtype
     up = matmul_dtype(x)
     if up is not None:
         x, weight = x.to(up), weight.to(up)
         bias = bias.to(up) if bias is not None else None
     x2 = x.reshape(-1, x.shape[-1])
+    if cpu_linear.use_packed(x2, weight):
+        # oneDNN applies no alpha / beta: alpha * (x W^T + (beta / alpha) b), the bias scaled (small).
+        if bias is not None and beta != alpha:
+            bias = bias * (beta / alpha)
+        out = cpu_linear.packed_linear(x2, weight, bias)
+        if alpha != 1.0:
+            out.mul_(alpha)
+        return out.to(dtype).view(*x.shape[:-1], weight.shape[0])
     if bias is not None and beta != 1.0 and x.device.type == "cuda":
         # cuBLASLt adds a bias in the GEMM's epilogue only for beta == 1; otherwise PyTorch first
         # writes the broadcast bias into the whole output. Scaling the (small) bias is cheaper.

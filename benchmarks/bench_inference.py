@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from anomalyclip import AnomalyCLIP
 from anomalyclip.flops import ModelDims, count_inference_flops
 from anomalyclip.runtime import resolve_dtype
-from anomalyclip import ops, vision
+from anomalyclip import cpu_linear, ops, vision
 from anomalyclip.vision import VisionFeatures, embed_patches
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
@@ -236,6 +236,29 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> tupl
     return times, out
 
 
+def _ort_matmul(a: torch.Tensor, w: torch.Tensor) -> Callable[[], Any] | None:
+    """``a @ w^T`` as a one-node onnxruntime ``MatMul`` graph (weight an initializer), or None without onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    m, k = a.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, w.shape[0]])],
+        [numpy_helper.from_array(w.t().contiguous().numpy(), "w")],
+    )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"a": a.numpy()}
+    return lambda: session.run(None, feed)
+
+
 def gemm_throughput(
     m: int,
     k: int,
@@ -245,25 +268,42 @@ def gemm_throughput(
     dtype: torch.dtype,
     repeats: int = 5,
     min_seconds: float = 0.5,
+    kernel: str = "torch",
 ) -> float:
     """Best FLOP/s of ``[m, k] @ [k, n]`` on ``device`` in ``dtype`` (each timing loops >= ``min_seconds``).
 
     The right operand is stored as ``[n, k]`` and transposed, as ``nn.Linear`` weights are (for
     float32 the layout makes no difference; PyTorch's generic bfloat16 CPU loop is much slower
-    on the other one). On CUDA the loops are timed with CUDA events.
+    on the other one). On CUDA the loops are timed with CUDA events. ``kernel``: ``"torch"``
+    (``torch.matmul``: MKL's sgemm for float32 on the CPU), ``"onednn"`` (CPU: oneDNN on a weight
+    packed once, :mod:`anomalyclip.cpu_linear`) or ``"onnxruntime"`` (CPU, float32: a ``MatMul``
+    graph). Returns 0.0 where the kernel is not available.
     """
     a = torch.randn(m, k, device=device).to(dtype)
     w = torch.randn(n, k, device=device).to(dtype)
     out = torch.empty(m, n, device=device, dtype=dtype)
+    if kernel == "torch":
+        def one() -> Any:
+            return torch.matmul(a, w.t(), out=out)
+    elif kernel == "onednn" and device.type == "cpu" and cpu_linear.onednn_linear_available(dtype):
+        def one() -> Any:
+            return cpu_linear.packed_linear(a, w, None)
+    elif kernel == "onnxruntime" and device.type == "cpu" and dtype == torch.float32:
+        one = _ort_matmul(a, w)
+        if one is None:
+            return 0.0
+    else:
+        return 0.0
 
     def loop(count: int) -> float:
-        times, _ = time_call(lambda: [torch.matmul(a, w.t(), out=out) for _ in range(count)], device, 1)
+        times, _ = time_call(lambda: [one() for _ in range(count)], device, 1)
         return times[0]
 
-    loop(1)  # warm-up (cuBLAS heuristics, clocks)
-    once = max(loop(1), 1e-6)
-    loops = max(1, int(min_seconds / once))
-    best = min(loop(loops) / loops for _ in range(repeats if once < 2 * min_seconds else 2))
+    with torch.inference_mode():
+        loop(1)  # warm-up (cuBLAS heuristics, clocks, weight packing)
+        once = max(loop(1), 1e-6)
+        loops = max(1, int(min_seconds / once))
+        best = min(loop(loops) / loops for _ in range(repeats if once < 2 * min_seconds else 2))
     return 2 * m * k * n / best
 
 
@@ -303,25 +343,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def reference_gemms(
     dims: ModelDims, device: torch.device, dtype: torch.dtype, *, square: int = 4096, batch: int = 1
-) -> dict[str, tuple[tuple[int, int, int], torch.dtype]]:
-    """Plain matrix products to compare with: label -> ((m, k, n), dtype).
+) -> dict[str, tuple[tuple[int, int, int], torch.dtype, str]]:
+    """Plain matrix products to compare with: label -> ((m, k, n), dtype, kernel).
 
     A ``square``^3 product and the model's largest one (the MLP's first layer on ``batch``
     images' tokens, ``[batch N, W] x [W, 4 W]``), in ``dtype``; where anomalyclip runs
     ``dtype``'s GEMMs in float32 (a CPU without a fast kernel for it), the float32 products too
-    (and no slow square one).
+    (and no slow square one). On the CPU the model's product also through the best kernels
+    available (oneDNN with a packed weight; onnxruntime's ``MatMul`` for float32): the reference
+    is the fastest of them all, not only ``torch.matmul``.
     """
     tokens = 1 + (dims.image_size // dims.patch_size) ** 2
     model_shape = (batch * tokens, dims.width, dims.mlp_width)
     name = _dtype_name(dtype)
     run_dtype = library_matmul_dtype(device, dtype)
+    shape = f"{model_shape[0]}x{model_shape[1]}x{model_shape[2]}"
     out = {}
     if run_dtype == dtype:
-        out[f"{square}x{square}x{square} {name}"] = ((square, square, square), dtype)
-    out[f"{model_shape[0]}x{model_shape[1]}x{model_shape[2]} {name} (MLP c_fc)"] = (model_shape, dtype)
+        out[f"{square}x{square}x{square} {name}"] = ((square, square, square), dtype, "torch")
+    out[f"{shape} {name} (MLP c_fc)"] = (model_shape, dtype, "torch")
     if run_dtype != dtype:
-        out[f"{square}x{square}x{square} float32"] = ((square, square, square), run_dtype)
-        out[f"{model_shape[0]}x{model_shape[1]}x{model_shape[2]} float32 (MLP c_fc)"] = (model_shape, run_dtype)
+        out[f"{square}x{square}x{square} float32"] = ((square, square, square), run_dtype, "torch")
+        out[f"{shape} float32 (MLP c_fc)"] = (model_shape, run_dtype, "torch")
+    if device.type == "cpu":
+        if cpu_linear.onednn_linear_available(run_dtype):
+            out[f"{shape} {_dtype_name(run_dtype)} (MLP c_fc, oneDNN packed)"] = (model_shape, run_dtype, "onednn")
+        if run_dtype == torch.float32:
+            out[f"{shape} float32 (MLP c_fc, onnxruntime MatMul)"] = (model_shape, run_dtype, "onnxruntime")
     return out
 
 
@@ -594,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict-batch-size", type=int, default=None, help="batch size for --predict (default: the largest)")
     parser.add_argument("--cpu-low-precision-matmul", default=None, choices=["auto", "native", "float32"],
                         help="anomalyclip.vision.set_cpu_low_precision_matmul policy for bfloat16/float16 on the CPU (default: auto)")
+    parser.add_argument("--cpu-linear", default=None, choices=list(cpu_linear.CPU_LINEAR_BACKENDS),
+                        help="CPU kernel of the library's matrix products (anomalyclip.cpu_linear; default: ANOMALYCLIP_CPU_LINEAR or auto)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--markdown", default=None, help="also write the markdown tables to this file (and print them)")
     args = parser.parse_args(argv)
@@ -605,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         vision.set_cpu_low_precision_matmul(args.cpu_low_precision_matmul)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.cpu_linear is not None:
+        cpu_linear.set_cpu_linear_backend(args.cpu_linear)
     batch_sizes = _batch_list(args.batch_sizes)
     official_batches = set(_batch_list(args.official_batch_sizes)) if args.official_batch_sizes else set(batch_sizes)
     graph_batches = set(_batch_list(args.cuda_graph)) if cuda else set()
@@ -619,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine_description(device)}; device {device}; torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; dtypes {', '.join(names)}; S = {args.image_size}; model {args.model}; "
-          f"compile {args.compile}; CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}")
+          f"compile {args.compile}; CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}; "
+          f"CPU linear {cpu_linear.get_cpu_linear_backend()!r}")
     if cuda:
         print(f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}; cuDNN TF32 {torch.backends.cudnn.allow_tf32}; "
               f"flash SDPA {torch.backends.cuda.flash_sdp_enabled()}; mem-efficient SDPA {torch.backends.cuda.mem_efficient_sdp_enabled()}")
@@ -651,9 +704,9 @@ def main(argv: list[str] | None = None) -> int:
         gemm = {label: 0.0 for label in gemms}
 
         def measure_gemms() -> None:  # before and after the model runs; the best of both counts
-            for label, (shape, gemm_dtype) in gemms.items():
+            for label, (shape, gemm_dtype, kernel) in gemms.items():
                 gemm[label] = max(gemm[label], gemm_throughput(*shape, device=device, dtype=gemm_dtype, min_seconds=gemm_seconds,
-                                                               repeats=3 if cuda else 5))
+                                                               repeats=3 if cuda else 5, kernel=kernel))
 
         measure_gemms()
         dtype_rows = []

@@ -13,26 +13,26 @@ choice (:func:`set_cpu_linear_backend`, or the environment variable ``ANOMALYCLI
 - ``"onednn"``: always oneDNN with packed weights (where this PyTorch build has it);
 - ``"mkl"``: always ``F.linear`` (MKL for float32; PyTorch's own choice for other dtypes).
 
-Packed weights are a cache beside the model, never part of it: they are not parameters or
-buffers (``state_dict`` and saved files are unchanged), they are keyed on the weight's storage
-address, shape, dtype and version counter (so ``model.to(...)``, ``load_state_dict`` and in-place
-updates repack), and they are dropped with the weight. They cost one extra copy of the packed
+Packed weights are a cache beside the model (:class:`anomalyclip.weight_cache.WeightCache`), never
+part of it: not parameters or buffers (``state_dict`` and saved files are unchanged), rebuilt when
+the weight changes (``model.to(...)``, ``load_state_dict``, in-place updates) and dropped with it. They cost one extra copy of the packed
 weights in memory. The packed path is for inference only: :func:`use_packed` refuses it whenever
 autograd records (training, fine-tuning), and while tracing or compiling.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .errors import InvalidInputError
+from .weight_cache import WeightCache, inference_only
 
 __all__ = [
     "CPU_LINEAR_BACKENDS",
@@ -93,6 +93,7 @@ def get_cpu_linear_backend() -> str:
     return _SETTINGS.backend
 
 
+@functools.lru_cache(maxsize=None)
 def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this PyTorch build has oneDNN's packed linear for ``dtype`` on this CPU."""
     try:
@@ -109,50 +110,9 @@ def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
 
 # ----------------------------------------------------------------------------- packed weights
 
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return 0
-
-
-class _PackCache:
-    """Packed copies of weights, keyed on the weight and dropped with it (never saved)."""
-
-    def __init__(self) -> None:
-        # id(root tensor) -> (weak reference to it, (storage address, version, dtype), {view key: packed})
-        self._entries: dict[int, tuple[weakref.ref, tuple, dict[tuple, torch.Tensor]]] = {}
-
-    def _drop(self, key: int, ref: weakref.ref) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] is ref:
-            del self._entries[key]
-
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        root = weight._base if weight._base is not None else weight
-        generation = (root.data_ptr(), _version(root), root.dtype, root.device)
-        entry = self._entries.get(id(root))
-        if entry is None or entry[0]() is not root or entry[1] != generation:
-            ref = weakref.ref(root, lambda r, k=id(root): self._drop(k, r))
-            entry = (ref, generation, {})
-            self._entries[id(root)] = entry
-        packs = entry[2]
-        view = (weight.data_ptr(), tuple(weight.shape), weight.stride())
-        packed = packs.get(view)
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PROBE_ROWS)
-            packs[view] = packed
-        return packed
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return sum(len(entry[2]) for entry in self._entries.values())
-
-
-_PACKS = _PackCache()
+_PACKS: WeightCache[torch.Tensor] = WeightCache(
+    lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PROBE_ROWS)
+)
 
 
 def clear_packed_weights() -> None:
@@ -189,12 +149,8 @@ def use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight^T`` should run through oneDNN with a packed weight (see the module doc)."""
     if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype or weight.ndim != 2:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False  # autograd records: keep its path (oneDNN's packed op has no backward)
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
-    if torch.onnx.is_in_onnx_export():
-        return False
+    if not inference_only(x, weight):
+        return False  # autograd records (oneDNN's packed op has no backward), or a trace / export
     backend = get_cpu_linear_backend()
     if backend == "mkl" or not onednn_linear_available(x.dtype):
         return False

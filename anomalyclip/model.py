@@ -49,7 +49,7 @@ from .references import (
     normalize_patch_tokens,
     resolve_storage_dtype,
 )
-from .runtime import is_out_of_memory, out_of_memory_error, resolve_device, resolve_dtype
+from .runtime import is_out_of_memory, out_of_memory_error, place_model
 from .scoring import anomaly_maps, gaussian_blur, image_scores
 from .tiling import TileStitcher, crop_prepared, tile_grid
 from .eval.thresholds import Thresholds
@@ -188,7 +188,7 @@ class AnomalyCLIP(nn.Module):
             sigma=sigma,
             seed=seed,
         )
-        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+        return place_model(model, device, dtype)
 
     @classmethod
     def from_pretrained(
@@ -217,7 +217,7 @@ class AnomalyCLIP(nn.Module):
                 :meth:`save_pretrained`, or a Hub repo id holding ``config.json`` and
                 ``model.safetensors``.
             device: ``"cuda"``, ``"cpu"``, ``"mps"``...; None picks the best available.
-            dtype: float32 (default), float16 or bfloat16 for the frozen CLIP.
+            dtype: float32 (default), float16 or bfloat16 for the frozen CLIP; "auto" (per device: runtime.auto_dtype) or "float8" (CUDA, compute capability 8.9+: anomalyclip.float8).
             image_size, feature_layers, dpam_layers, dpam_mode, sigma: override the saved
                 inference options (see :meth:`reconfigure`; None keeps the saved value).
             revision: Hub revision (branch, tag or commit) of a repo id.
@@ -351,7 +351,7 @@ class AnomalyCLIP(nn.Module):
         model = cls(clip, config)
         model.load_prompts(tensors, source=str(weights_file))
         model.reconfigure(**options)
-        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+        return place_model(model, device, dtype)
 
     @classmethod
     def from_official_checkpoint(
@@ -402,7 +402,7 @@ class AnomalyCLIP(nn.Module):
             config = config.replace(trained_on=preset.trained_on)
         model = cls(clip_model, config)
         model.load_prompts(tensors, source=str(path))
-        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+        return place_model(model, device, dtype)
 
     # ------------------------------------------------------------------ persistence
     def _check_prompt_shapes(self, tensors: dict[str, torch.Tensor], source: str) -> None:

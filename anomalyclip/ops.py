@@ -7,14 +7,20 @@ float16 inputs can have their matrix products computed in float32 (see
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_linear
+from .cpu_linear import packed_linear, use_packed
+from .float8 import eligible as float8_eligible
+from .float8 import linear as float8_linear
 from .errors import InvalidInputError
+from .weight_cache import inference_only
 
 __all__ = [
     "linear",
@@ -28,6 +34,7 @@ __all__ = [
     "matmul_dtype",
     "get_cpu_low_precision_matmul",
     "set_cpu_low_precision_matmul",
+    "float8_matmuls",
 ]
 
 _CPU_LOW_PRECISION_POLICIES = ("auto", "native", "float32")
@@ -83,25 +90,56 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.float32
 
 
+# Whether linear() runs its CUDA products in float8 (anomalyclip.float8): set by the vision forward
+# of a model with dtype="float8" for its own duration (a context variable: per thread and task).
+_FLOAT8 = contextvars.ContextVar("anomalyclip_float8_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def float8_matmuls(enable: bool = True) -> Iterator[None]:
+    """Within the block, :func:`linear` runs eligible CUDA products in float8 (see :mod:`anomalyclip.float8`)."""
+    token = _FLOAT8.set(enable)
+    try:
+        yield
+    finally:
+        _FLOAT8.reset(token)
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, alpha: float = 1.0, beta: float = 1.0
 ) -> torch.Tensor:
     """``beta * bias + alpha * x @ weight^T`` over the last dimension of ``x``, in ``x``'s dtype.
 
     On the CPU, outside autograd, the product runs through oneDNN with ``weight`` packed once where
-    that is the faster kernel (see :mod:`anomalyclip.cpu_linear`).
+    that is the faster kernel (see :mod:`anomalyclip.cpu_linear`); on CUDA within
+    :func:`float8_matmuls`, in float8 (see :mod:`anomalyclip.float8`).
     """
+    return _linear(x, weight, bias, alpha, beta, allow_float8=True)
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float, beta: float, allow_float8: bool
+) -> torch.Tensor:
     dtype = x.dtype
     up = matmul_dtype(x)
     if up is not None:
         x, weight = x.to(up), weight.to(up)
         bias = bias.to(up) if bias is not None else None
     x2 = x.reshape(-1, x.shape[-1])
-    if cpu_linear.use_packed(x2, weight):
+    if (
+        allow_float8
+        and x.device.type == "cuda"
+        and _FLOAT8.get()
+        and float8_eligible(x2, weight)
+        and inference_only(x2, weight)
+    ):
+        out = float8_linear(x2, weight, bias, alpha=alpha, beta=beta, out_dtype=dtype)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    if use_packed(x2, weight):
         # oneDNN applies no alpha / beta: alpha * (x W^T + (beta / alpha) b), the bias scaled (small).
         if bias is not None and beta != alpha:
             bias = bias * (beta / alpha)
-        out = cpu_linear.packed_linear(x2, weight, bias)
+        out = packed_linear(x2, weight, bias)
         if alpha != 1.0:
             out.mul_(alpha)
         return out.to(dtype).view(*x.shape[:-1], weight.shape[0])
@@ -121,8 +159,8 @@ def linear(
 
 
 def project(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """``x @ proj`` for a ``[W, D]`` projection matrix."""
-    return linear(x, proj.t(), None)
+    """``x @ proj`` for a ``[W, D]`` projection matrix (never in float8: it feeds the scoring)."""
+    return _linear(x, proj.t(), None, 1.0, 1.0, allow_float8=False)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:

@@ -30,13 +30,13 @@ def backend():
 def spy(monkeypatch):
     """Counts the calls that reach the packed kernel."""
     calls = []
-    real = cpu_linear.packed_linear
+    real = cpu_linear._onednn
 
     def counted(*args):
         calls.append(args[1].shape)
         return real(*args)
 
-    monkeypatch.setattr(cpu_linear, "packed_linear", counted)
+    monkeypatch.setattr(cpu_linear, "_onednn", counted)
     return calls
 
 

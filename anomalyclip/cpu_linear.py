@@ -120,8 +120,10 @@ def clear_packed_weights() -> None:
     _PACKS.clear()
 
 
-def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x2, _PACKS.get(weight), bias, "none", [], "")
+def _onednn(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0, activation: str = "none"
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2, _PACKS.get(weight, scale), bias, activation, [], "")
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -133,11 +135,19 @@ def _seconds(fn: Callable[[], object]) -> float:
 def _measure(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether oneDNN (packed) beats ``F.linear`` on ``weight``'s shape (512 random rows)."""
     x = torch.randn(_PROBE_ROWS, weight.shape[1], dtype=weight.dtype)
-    _onednn(x, weight, bias), F.linear(x, weight, bias)  # warm-up (and the packing)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PROBE_ROWS)  # not cached: a probe
+
+    def onednn_call() -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    def plain_call() -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    onednn_call(), plain_call()  # warm-up
     onednn = plain = float("inf")
     for _ in range(_PROBE_REPEATS):
-        onednn = min(onednn, _seconds(lambda: _onednn(x, weight, bias)))
-        plain = min(plain, _seconds(lambda: F.linear(x, weight, bias)))
+        onednn = min(onednn, _seconds(onednn_call))
+        plain = min(plain, _seconds(plain_call))
     logger.debug(
         "CPU linear %s x %s (%s): oneDNN packed %.2f ms, F.linear %.2f ms",
         tuple(weight.shape), _PROBE_ROWS, weight.dtype, onednn * 1e3, plain * 1e3,
@@ -164,6 +174,12 @@ def use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return choice
 
 
-def packed_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2 @ weight^T + bias`` for 2-D ``x2 [M, K]``, ``weight [N, K]`` through oneDNN (packed once)."""
-    return _onednn(x2, weight, bias)
+def packed_linear(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, scale: float = 1.0, silu: bool = False
+) -> torch.Tensor:
+    """``act(x2 @ (scale * weight)^T + bias)`` for ``x2 [M, K]``, ``weight [N, K]`` through oneDNN.
+
+    The weight is packed once per ``scale`` (the scale folded into the packed copy: no pass over
+    the output); ``silu`` applies SiLU in the GEMM's epilogue (oneDNN's ``swish``).
+    """
+    return _onednn(x2, weight, bias, scale, "swish" if silu else "none")

@@ -24,6 +24,7 @@ from .weight_cache import inference_only
 
 __all__ = [
     "linear",
+    "linear_silu",
     "project",
     "sdpa",
     "qkv_heads",
@@ -135,14 +136,11 @@ def _linear(
     ):
         out = float8_linear(x2, weight, bias, alpha=alpha, beta=beta, out_dtype=dtype)
         return out.view(*x.shape[:-1], weight.shape[0])
-    if use_packed(x2, weight):
-        # oneDNN applies no alpha / beta: alpha * (x W^T + (beta / alpha) b), the bias scaled (small).
-        if bias is not None and beta != alpha:
-            bias = bias * (beta / alpha)
-        out = packed_linear(x2, weight, bias)
-        if alpha != 1.0:
-            out.mul_(alpha)
-        return out.to(dtype).view(*x.shape[:-1], weight.shape[0])
+    if up is None and use_packed(x2, weight):
+        # alpha is folded into the packed weight, beta into the (small) bias: no pass over the output.
+        if bias is not None and beta != 1.0:
+            bias = bias * beta
+        return packed_linear(x2, weight, bias, scale=alpha).to(dtype).view(*x.shape[:-1], weight.shape[0])
     if bias is not None and beta != 1.0 and x.device.type == "cuda":
         # cuBLASLt adds a bias in the GEMM's epilogue only for beta == 1; otherwise PyTorch first
         # writes the broadcast bias into the whole output. Scaling the (small) bias is cheaper.
@@ -156,6 +154,20 @@ def _linear(
     else:
         out = torch.addmm(bias, x2, weight.t(), beta=beta, alpha=alpha)
     return out.to(dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``silu(scale * (x @ weight^T + bias))`` for inference (no autograd: the SiLU may run in place).
+
+    With QuickGELU's ``scale = 1.702`` this is ``1.702 * QuickGELU(x @ weight^T + bias)``. On the CPU's
+    oneDNN path the scale sits in the packed weight and the SiLU in the GEMM's epilogue (one pass);
+    elsewhere the GEMM applies the scale (alpha / beta) and one in-place SiLU follows.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    if matmul_dtype(x) is None and use_packed(x2, weight):
+        out = packed_linear(x2, weight, bias * scale, scale=scale, silu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.silu(linear(x, weight, bias, alpha=scale, beta=scale), inplace=True)
 
 
 def project(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:

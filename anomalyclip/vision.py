@@ -54,6 +54,7 @@ from .ops import (
     float8_matmuls,
     get_cpu_low_precision_matmul,
     linear,
+    linear_silu,
     matmul_dtype,
     out_proj,
     project,
@@ -142,8 +143,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
         fc, act, proj = mlp.c_fc, mlp.gelu, mlp.c_proj
         return linear(act(linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
     fc, proj = mlp.c_fc, mlp.c_proj
-    y = linear(x, fc.weight, fc.bias, alpha=_QUICK_GELU_SCALE, beta=_QUICK_GELU_SCALE)
-    F.silu(y, inplace=True)  # 1.702 * QuickGELU(fc(x))
+    y = linear_silu(x, fc.weight, fc.bias, _QUICK_GELU_SCALE)  # 1.702 * QuickGELU(fc(x))
     return linear(y, proj.weight, proj.bias, alpha=1.0 / _QUICK_GELU_SCALE)
 
 

@@ -27,7 +27,7 @@ def _version(t: torch.Tensor) -> int:
 
 
 class WeightCache(Generic[T]):
-    """``get(weight)`` returns ``make(weight)``, computed once per weight (see the module doc)."""
+    """``get(weight, scale)`` returns ``make(weight * scale)``, computed once per weight and scale (see the module doc)."""
 
     def __init__(self, make: Callable[[torch.Tensor], T]) -> None:
         self._make = make
@@ -39,7 +39,7 @@ class WeightCache(Generic[T]):
         if entry is not None and entry[0] is ref:
             del self._entries[key]
 
-    def get(self, weight: torch.Tensor) -> T:
+    def get(self, weight: torch.Tensor, scale: float = 1.0) -> T:
         root = weight._base if weight._base is not None else weight
         generation = (root.data_ptr(), _version(root), root.dtype, root.device)
         entry = self._entries.get(id(root))
@@ -47,10 +47,11 @@ class WeightCache(Generic[T]):
             ref = weakref.ref(root, lambda r, k=id(root): self._drop(k, r))
             entry = (ref, generation, {})
             self._entries[id(root)] = entry
-        view = (weight.data_ptr(), tuple(weight.shape), weight.stride())
+        view = (weight.data_ptr(), tuple(weight.shape), weight.stride(), scale)
         derived = entry[2].get(view)
         if derived is None:
-            derived = entry[2][view] = self._make(weight.detach())
+            source = weight.detach()
+            derived = entry[2][view] = self._make(source * scale if scale != 1.0 else source)
         return derived
 
     def clear(self) -> None:

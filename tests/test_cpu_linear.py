@@ -148,3 +148,19 @@ def test_model_forward_equal_and_state_dict_unchanged(golden_model, backend):
     assert not any(p.layout != torch.strided for p in golden_model.parameters())
     torch.testing.assert_close(fast.scores, plain.scores, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.anomaly_maps, plain.anomaly_maps, rtol=0, atol=1e-4)
+
+
+def test_fused_silu_linear_equals_quick_gelu(backend, spy):
+    """The MLP's first layer: 1.702 * QuickGELU(x W^T + b), the SiLU in oneDNN's epilogue."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 21, 48, generator=gen)
+    weight = torch.randn(96, 48, generator=gen) / 7
+    bias = torch.randn(96, generator=gen)
+    pre = _reference(x, weight, bias)
+    expected = 1.702 * pre * torch.sigmoid(1.702 * pre)
+    for name, used in (("mkl", 0), ("onednn", 1)):
+        backend(name)
+        with torch.no_grad():
+            got = ops.linear_silu(x, weight, bias, 1.702)
+        assert len(spy) == used and got.shape == (3, 21, 96)
+        assert (got.double() - expected).abs().max().item() < 1e-5 * expected.abs().max().item()

@@ -36,6 +36,7 @@ __all__ = [
     "get_cpu_low_precision_matmul",
     "set_cpu_low_precision_matmul",
     "float8_matmuls",
+    "plain_matmuls",
 ]
 
 _CPU_LOW_PRECISION_POLICIES = ("auto", "native", "float32")
@@ -96,6 +97,21 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
 _FLOAT8 = contextvars.ContextVar("anomalyclip_float8_matmuls", default=False)
 
 
+# Set while a forward is traced for export (vision.encode_image(traceable=True)): the plain
+# operators only, whatever the tracer (jit, dynamo, make_fx) reports about itself.
+_PLAIN = contextvars.ContextVar("anomalyclip_plain_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def plain_matmuls() -> Iterator[None]:
+    """Within the block, :func:`linear` uses neither packed CPU weights nor float8 (for export)."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
 @contextlib.contextmanager
 def float8_matmuls(enable: bool = True) -> Iterator[None]:
     """Within the block, :func:`linear` runs eligible CUDA products in float8 (see :mod:`anomalyclip.float8`)."""
@@ -127,8 +143,10 @@ def _linear(
         x, weight = x.to(up), weight.to(up)
         bias = bias.to(up) if bias is not None else None
     x2 = x.reshape(-1, x.shape[-1])
+    plain = _PLAIN.get()
     if (
         allow_float8
+        and not plain
         and x.device.type == "cuda"
         and _FLOAT8.get()
         and float8_eligible(x2, weight)
@@ -136,7 +154,7 @@ def _linear(
     ):
         out = float8_linear(x2, weight, bias, alpha=alpha, beta=beta, out_dtype=dtype)
         return out.view(*x.shape[:-1], weight.shape[0])
-    if up is None and use_packed(x2, weight):
+    if up is None and not plain and use_packed(x2, weight):
         # alpha is folded into the packed weight, beta into the (small) bias: no pass over the output.
         if bias is not None and beta != 1.0:
             bias = bias * beta
@@ -164,7 +182,7 @@ def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale
     elsewhere the GEMM applies the scale (alpha / beta) and one in-place SiLU follows.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    if matmul_dtype(x) is None and use_packed(x2, weight):
+    if matmul_dtype(x) is None and not _PLAIN.get() and use_packed(x2, weight):
         out = packed_linear(x2, weight, bias * scale, scale=scale, silu=True)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.silu(linear(x, weight, bias, alpha=scale, beta=scale), inplace=True)

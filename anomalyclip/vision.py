@@ -56,6 +56,7 @@ from .ops import (
     linear,
     linear_silu,
     matmul_dtype,
+    plain_matmuls,
     out_proj,
     project,
     qkv_heads,
@@ -294,7 +295,10 @@ def encode_image(
         check_float8_supported(pixel_values.device)
         with float8_matmuls():
             return _encode_image_chunked(visual, pixel_values, feature_layers, dpam_layers, dpam_mode)
-    return _encode_image_chunked(visual, pixel_values, feature_layers, dpam_layers, dpam_mode, traceable)
+    if traceable:  # the plain operators in the trace: no packed CPU weights, no float8
+        with plain_matmuls():
+            return _encode_image_chunked(visual, pixel_values, feature_layers, dpam_layers, dpam_mode, True)
+    return _encode_image_chunked(visual, pixel_values, feature_layers, dpam_layers, dpam_mode)
 
 
 def _encode_image_chunked(

@@ -164,3 +164,16 @@ def test_fused_silu_linear_equals_quick_gelu(backend, spy):
             got = ops.linear_silu(x, weight, bias, 1.702)
         assert len(spy) == used and got.shape == (3, 21, 96)
         assert (got.double() - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+
+def test_traced_forward_uses_the_plain_operators(golden_model, backend, spy):
+    """encode_image(traceable=True) (the ONNX export's forward) records no oneDNN packed op."""
+    from anomalyclip.vision import encode_image
+
+    backend("onednn")
+    pixels = torch.zeros(1, 3, 112, 112)
+    with torch.no_grad():
+        encode_image(golden_model.clip.visual, pixels, feature_layers=(24,), dpam_layers=20, traceable=True)
+        assert spy == []
+        encode_image(golden_model.clip.visual, pixels, feature_layers=(24,), dpam_layers=20)
+    assert spy  # the same forward, not traced: the packed path

@@ -7,16 +7,24 @@ float16 inputs can have their matrix products computed in float32 (see
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_linear import packed_linear, use_packed
+from .float8 import eligible as float8_eligible
+from .float8 import linear as float8_linear
 from .errors import InvalidInputError
+from .weight_cache import inference_only
 
 __all__ = [
     "linear",
+    "linear_silu",
     "project",
     "sdpa",
     "qkv_heads",
@@ -27,6 +35,8 @@ __all__ = [
     "matmul_dtype",
     "get_cpu_low_precision_matmul",
     "set_cpu_low_precision_matmul",
+    "float8_matmuls",
+    "plain_matmuls",
 ]
 
 _CPU_LOW_PRECISION_POLICIES = ("auto", "native", "float32")
@@ -82,16 +92,73 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.float32
 
 
+# Whether linear() runs its CUDA products in float8 (anomalyclip.float8): set by the vision forward
+# of a model with dtype="float8" for its own duration (a context variable: per thread and task).
+_FLOAT8 = contextvars.ContextVar("anomalyclip_float8_matmuls", default=False)
+
+
+# Set while a forward is traced for export (vision.encode_image(traceable=True)): the plain
+# operators only, whatever the tracer (jit, dynamo, make_fx) reports about itself.
+_PLAIN = contextvars.ContextVar("anomalyclip_plain_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def plain_matmuls() -> Iterator[None]:
+    """Within the block, :func:`linear` uses neither packed CPU weights nor float8 (for export)."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
+@contextlib.contextmanager
+def float8_matmuls(enable: bool = True) -> Iterator[None]:
+    """Within the block, :func:`linear` runs eligible CUDA products in float8 (see :mod:`anomalyclip.float8`)."""
+    token = _FLOAT8.set(enable)
+    try:
+        yield
+    finally:
+        _FLOAT8.reset(token)
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, alpha: float = 1.0, beta: float = 1.0
 ) -> torch.Tensor:
-    """``beta * bias + alpha * x @ weight^T`` over the last dimension of ``x``, in ``x``'s dtype."""
+    """``beta * bias + alpha * x @ weight^T`` over the last dimension of ``x``, in ``x``'s dtype.
+
+    On the CPU, outside autograd, the product runs through oneDNN with ``weight`` packed once where
+    that is the faster kernel (see :mod:`anomalyclip.cpu_linear`); on CUDA within
+    :func:`float8_matmuls`, in float8 (see :mod:`anomalyclip.float8`).
+    """
+    return _linear(x, weight, bias, alpha, beta, allow_float8=True)
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float, beta: float, allow_float8: bool
+) -> torch.Tensor:
     dtype = x.dtype
     up = matmul_dtype(x)
     if up is not None:
         x, weight = x.to(up), weight.to(up)
         bias = bias.to(up) if bias is not None else None
     x2 = x.reshape(-1, x.shape[-1])
+    plain = _PLAIN.get()
+    if (
+        allow_float8
+        and not plain
+        and x.device.type == "cuda"
+        and _FLOAT8.get()
+        and float8_eligible(x2, weight)
+        and inference_only(x2, weight)
+    ):
+        out = float8_linear(x2, weight, bias, alpha=alpha, beta=beta, out_dtype=dtype)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    if up is None and not plain and use_packed(x2, weight):
+        # alpha is folded into the packed weight, beta into the (small) bias: no pass over the output.
+        if bias is not None and beta != 1.0:
+            bias = bias * beta
+        return packed_linear(x2, weight, bias, scale=alpha).to(dtype).view(*x.shape[:-1], weight.shape[0])
     if bias is not None and beta != 1.0 and x.device.type == "cuda":
         # cuBLASLt adds a bias in the GEMM's epilogue only for beta == 1; otherwise PyTorch first
         # writes the broadcast bias into the whole output. Scaling the (small) bias is cheaper.
@@ -107,9 +174,23 @@ def linear(
     return out.to(dtype).view(*x.shape[:-1], weight.shape[0])
 
 
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``silu(scale * (x @ weight^T + bias))`` for inference (no autograd: the SiLU may run in place).
+
+    With QuickGELU's ``scale = 1.702`` this is ``1.702 * QuickGELU(x @ weight^T + bias)``. On the CPU's
+    oneDNN path the scale sits in the packed weight and the SiLU in the GEMM's epilogue (one pass);
+    elsewhere the GEMM applies the scale (alpha / beta) and one in-place SiLU follows.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    if matmul_dtype(x) is None and not _PLAIN.get() and use_packed(x2, weight):
+        out = packed_linear(x2, weight, bias * scale, scale=scale, silu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.silu(linear(x, weight, bias, alpha=scale, beta=scale), inplace=True)
+
+
 def project(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """``x @ proj`` for a ``[W, D]`` projection matrix."""
-    return linear(x, proj.t(), None)
+    """``x @ proj`` for a ``[W, D]`` projection matrix (never in float8: it feeds the scoring)."""
+    return _linear(x, proj.t(), None, 1.0, 1.0, allow_float8=False)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:

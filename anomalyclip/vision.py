@@ -48,11 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BackboneError, InvalidInputError
+from .float8 import check_float8_supported
 from .ops import (
     attention,
+    float8_matmuls,
     get_cpu_low_precision_matmul,
     linear,
+    linear_silu,
     matmul_dtype,
+    plain_matmuls,
     out_proj,
     project,
     qkv_heads,
@@ -71,6 +75,8 @@ __all__ = [
     "get_cpu_low_precision_matmul",
     "set_cpu_low_precision_matmul",
     "compile_blocks",
+    "set_float8",
+    "uses_float8",
 ]
 
 
@@ -138,8 +144,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
         fc, act, proj = mlp.c_fc, mlp.gelu, mlp.c_proj
         return linear(act(linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
     fc, proj = mlp.c_fc, mlp.c_proj
-    y = linear(x, fc.weight, fc.bias, alpha=_QUICK_GELU_SCALE, beta=_QUICK_GELU_SCALE)
-    F.silu(y, inplace=True)  # 1.702 * QuickGELU(fc(x))
+    y = linear_silu(x, fc.weight, fc.bias, _QUICK_GELU_SCALE)  # 1.702 * QuickGELU(fc(x))
     return linear(y, proj.weight, proj.bias, alpha=1.0 / _QUICK_GELU_SCALE)
 
 
@@ -286,6 +291,24 @@ def encode_image(
     faulting in fresh pages for every intermediate (at batch 8 that costs several percent).
     The results are the same as for the whole batch at once.
     """
+    if uses_float8(visual) and not traceable:
+        check_float8_supported(pixel_values.device)
+        with float8_matmuls():
+            return _encode_image_chunked(visual, pixel_values, feature_layers, dpam_layers, dpam_mode)
+    if traceable:  # the plain operators in the trace: no packed CPU weights, no float8
+        with plain_matmuls():
+            return _encode_image_chunked(visual, pixel_values, feature_layers, dpam_layers, dpam_mode, True)
+    return _encode_image_chunked(visual, pixel_values, feature_layers, dpam_layers, dpam_mode)
+
+
+def _encode_image_chunked(
+    visual: nn.Module,
+    pixel_values: torch.Tensor,
+    feature_layers: tuple[int, ...],
+    dpam_layers: int,
+    dpam_mode: str,
+    traceable: bool = False,
+) -> VisionFeatures:
     if traceable:
         blocks = (_standard_block, _dpam_block)
         return _encode_image(visual, pixel_values, feature_layers, dpam_layers, dpam_mode, False, blocks)
@@ -344,6 +367,41 @@ def _encode_image(
             patch_features[index] = project(ln_post(z), proj)
     image_features = project(h[:, 0], proj)
     return VisionFeatures(image_features=image_features, patch_features=patch_features)
+
+
+# ----------------------------------------------------------------------------- float8
+
+_FLOAT8_ATTR = "_anomalyclip_float8"
+
+
+def set_float8(visual: nn.Module, enable: bool = True) -> nn.Module:
+    """Run the blocks' linear layers of ``visual`` in float8 from now on (``enable=False`` undoes it).
+
+    ``visual`` must be bfloat16 on a CUDA GPU with float8 tensor cores (compute capability 8.9+);
+    otherwise :class:`~anomalyclip.errors.InvalidInputError` names the device and the fix. The
+    in-, out- and MLP projections of every block run as float8 e4m3 products with dynamic scales
+    (:mod:`anomalyclip.float8`); the patch embedding, attention, norms and the output projection
+    stay bfloat16. The float8 weights are a cache, not parameters: ``state_dict`` is unchanged.
+    Returns ``visual``.
+    """
+    if not enable:
+        if hasattr(visual, _FLOAT8_ATTR):
+            delattr(visual, _FLOAT8_ATTR)
+        return visual
+    weight = visual.conv1.weight
+    check_float8_supported(weight.device)
+    if weight.dtype != torch.bfloat16:
+        raise InvalidInputError(
+            f"float8 matrix products need the vision tower in bfloat16, got {str(weight.dtype).replace('torch.', '')}: "
+            "use dtype='float8' when loading the model, or model.to(dtype=torch.bfloat16) first."
+        )
+    object.__setattr__(visual, _FLOAT8_ATTR, True)
+    return visual
+
+
+def uses_float8(visual: nn.Module) -> bool:
+    """Whether :func:`set_float8` is on for ``visual``."""
+    return bool(getattr(visual, _FLOAT8_ATTR, False))
 
 
 # ----------------------------------------------------------------------------- torch.compile

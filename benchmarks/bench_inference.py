@@ -65,12 +65,14 @@ import torch.nn.functional as F
 from anomalyclip import AnomalyCLIP
 from anomalyclip.flops import ModelDims, count_inference_flops
 from anomalyclip.runtime import resolve_dtype
-from anomalyclip import ops, vision
+from anomalyclip import cpu_linear, float8, ops, vision
 from anomalyclip.vision import VisionFeatures, embed_patches
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
 
 #: Issue 14's targets for ViT-L/14@336 at 518 px on an H100 (checked when they apply).
+TARGET_FLOAT8_B32_IMAGES_PER_S = 500.0  # issue 23
+TARGET_FLOAT8_OVER_BF16 = 1.3
 TARGET_BF16_B32_IMAGES_PER_S = 400.0
 TARGET_SPEEDUP_OVER_OFFICIAL = 5.0
 TARGET_B1_LATENCY_MS = 15.0
@@ -236,6 +238,29 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> tupl
     return times, out
 
 
+def _ort_matmul(a: torch.Tensor, w: torch.Tensor) -> Callable[[], Any] | None:
+    """``a @ w^T`` as a one-node onnxruntime ``MatMul`` graph (weight an initializer), or None without onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    m, k = a.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, w.shape[0]])],
+        [numpy_helper.from_array(w.t().contiguous().numpy(), "w")],
+    )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"a": a.numpy()}
+    return lambda: session.run(None, feed)
+
+
 def gemm_throughput(
     m: int,
     k: int,
@@ -245,25 +270,51 @@ def gemm_throughput(
     dtype: torch.dtype,
     repeats: int = 5,
     min_seconds: float = 0.5,
+    kernel: str = "torch",
 ) -> float:
     """Best FLOP/s of ``[m, k] @ [k, n]`` on ``device`` in ``dtype`` (each timing loops >= ``min_seconds``).
 
     The right operand is stored as ``[n, k]`` and transposed, as ``nn.Linear`` weights are (for
     float32 the layout makes no difference; PyTorch's generic bfloat16 CPU loop is much slower
-    on the other one). On CUDA the loops are timed with CUDA events.
+    on the other one). On CUDA the loops are timed with CUDA events. ``kernel``: ``"torch"``
+    (``torch.matmul``: MKL's sgemm for float32 on the CPU), ``"onednn"`` (CPU: oneDNN on a weight
+    packed once, :mod:`anomalyclip.cpu_linear`), ``"onnxruntime"`` (CPU, float32: a ``MatMul``
+    graph) or ``"float8"`` (CUDA, compute capability 8.9+: e4m3 operands with per-row scales,
+    ``torch._scaled_mm``, bfloat16 out; the operands are quantized once, outside the timing).
+    Returns 0.0 where the kernel is not available.
     """
     a = torch.randn(m, k, device=device).to(dtype)
     w = torch.randn(n, k, device=device).to(dtype)
     out = torch.empty(m, n, device=device, dtype=dtype)
+    if kernel == "torch":
+        def one() -> Any:
+            return torch.matmul(a, w.t(), out=out)
+    elif kernel == "onednn" and device.type == "cpu" and cpu_linear.onednn_linear_available(dtype):
+        def one() -> Any:
+            return cpu_linear.packed_linear(a, w, None)
+    elif kernel == "float8" and float8.float8_supported(device):
+        aq, a_scale = float8.quantize_rows(a)
+        wq, w_scale = float8.quantize_rows(w)
+        w_scale = w_scale.t().contiguous()
+
+        def one() -> Any:
+            return torch._scaled_mm(aq, wq.t(), scale_a=a_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    elif kernel == "onnxruntime" and device.type == "cpu" and dtype == torch.float32:
+        one = _ort_matmul(a, w)
+        if one is None:
+            return 0.0
+    else:
+        return 0.0
 
     def loop(count: int) -> float:
-        times, _ = time_call(lambda: [torch.matmul(a, w.t(), out=out) for _ in range(count)], device, 1)
+        times, _ = time_call(lambda: [one() for _ in range(count)], device, 1)
         return times[0]
 
-    loop(1)  # warm-up (cuBLAS heuristics, clocks)
-    once = max(loop(1), 1e-6)
-    loops = max(1, int(min_seconds / once))
-    best = min(loop(loops) / loops for _ in range(repeats if once < 2 * min_seconds else 2))
+    with torch.inference_mode():
+        loop(1)  # warm-up (cuBLAS heuristics, clocks, weight packing)
+        once = max(loop(1), 1e-6)
+        loops = max(1, int(min_seconds / once))
+        best = min(loop(loops) / loops for _ in range(repeats if once < 2 * min_seconds else 2))
     return 2 * m * k * n / best
 
 
@@ -297,31 +348,48 @@ def library_matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtyp
     return up if up is not None else dtype
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+FLOAT8 = "float8"  # --dtype float8: a bfloat16 model whose vision linears run in float8 (CUDA, anomalyclip.float8)
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
 
 
 def reference_gemms(
     dims: ModelDims, device: torch.device, dtype: torch.dtype, *, square: int = 4096, batch: int = 1
-) -> dict[str, tuple[tuple[int, int, int], torch.dtype]]:
-    """Plain matrix products to compare with: label -> ((m, k, n), dtype).
+) -> dict[str, tuple[tuple[int, int, int], torch.dtype, str]]:
+    """Plain matrix products to compare with: label -> ((m, k, n), dtype, kernel).
 
     A ``square``^3 product and the model's largest one (the MLP's first layer on ``batch``
     images' tokens, ``[batch N, W] x [W, 4 W]``), in ``dtype``; where anomalyclip runs
     ``dtype``'s GEMMs in float32 (a CPU without a fast kernel for it), the float32 products too
-    (and no slow square one).
+    (and no slow square one). On the CPU the model's product also through the best kernels
+    available (oneDNN with a packed weight; onnxruntime's ``MatMul`` for float32): the reference
+    is the fastest of them all, not only ``torch.matmul``.
     """
     tokens = 1 + (dims.image_size // dims.patch_size) ** 2
     model_shape = (batch * tokens, dims.width, dims.mlp_width)
+    if dtype == FLOAT8:
+        shape = f"{model_shape[0]}x{model_shape[1]}x{model_shape[2]}"
+        return {
+            f"{square}x{square}x{square} float8 e4m3 (_scaled_mm)": ((square, square, square), torch.bfloat16, "float8"),
+            f"{shape} float8 e4m3 (MLP c_fc, _scaled_mm)": (model_shape, torch.bfloat16, "float8"),
+        }
     name = _dtype_name(dtype)
     run_dtype = library_matmul_dtype(device, dtype)
+    shape = f"{model_shape[0]}x{model_shape[1]}x{model_shape[2]}"
     out = {}
     if run_dtype == dtype:
-        out[f"{square}x{square}x{square} {name}"] = ((square, square, square), dtype)
-    out[f"{model_shape[0]}x{model_shape[1]}x{model_shape[2]} {name} (MLP c_fc)"] = (model_shape, dtype)
+        out[f"{square}x{square}x{square} {name}"] = ((square, square, square), dtype, "torch")
+    out[f"{shape} {name} (MLP c_fc)"] = (model_shape, dtype, "torch")
     if run_dtype != dtype:
-        out[f"{square}x{square}x{square} float32"] = ((square, square, square), run_dtype)
-        out[f"{model_shape[0]}x{model_shape[1]}x{model_shape[2]} float32 (MLP c_fc)"] = (model_shape, run_dtype)
+        out[f"{square}x{square}x{square} float32"] = ((square, square, square), run_dtype, "torch")
+        out[f"{shape} float32 (MLP c_fc)"] = (model_shape, run_dtype, "torch")
+    if device.type == "cpu":
+        if cpu_linear.onednn_linear_available(run_dtype):
+            out[f"{shape} {_dtype_name(run_dtype)} (MLP c_fc, oneDNN packed)"] = (model_shape, run_dtype, "onednn")
+        if run_dtype == torch.float32:
+            out[f"{shape} float32 (MLP c_fc, onnxruntime MatMul)"] = (model_shape, run_dtype, "onnxruntime")
     return out
 
 
@@ -570,7 +638,7 @@ def _batch_list(text: str | None) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--dtype", default="float32", help="comma-separated: float32, float16, bfloat16 (default float32)")
+    parser.add_argument("--dtype", default="float32", help="comma-separated: float32, float16, bfloat16, float8 (CUDA 8.9+; default float32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="vit-l", choices=["vit-l", "tiny"],
                         help="vit-l: ViT-L-14-336 with random weights; tiny: the test fixtures' tiny CLIP (dry runs)")
@@ -594,17 +662,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict-batch-size", type=int, default=None, help="batch size for --predict (default: the largest)")
     parser.add_argument("--cpu-low-precision-matmul", default=None, choices=["auto", "native", "float32"],
                         help="anomalyclip.vision.set_cpu_low_precision_matmul policy for bfloat16/float16 on the CPU (default: auto)")
+    parser.add_argument("--cpu-linear", default=None, choices=list(cpu_linear.CPU_LINEAR_BACKENDS),
+                        help="CPU kernel of the library's matrix products (anomalyclip.cpu_linear; default: ANOMALYCLIP_CPU_LINEAR or auto)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--markdown", default=None, help="also write the markdown tables to this file (and print them)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtypes = [resolve_dtype(d.strip()) for d in args.dtype.split(",") if d.strip()]
+    dtypes = [FLOAT8 if d.strip() == FLOAT8 else resolve_dtype(d.strip()) for d in args.dtype.split(",") if d.strip()]
     if args.cpu_low_precision_matmul is not None:
         vision.set_cpu_low_precision_matmul(args.cpu_low_precision_matmul)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.cpu_linear is not None:
+        cpu_linear.set_cpu_linear_backend(args.cpu_linear)
     batch_sizes = _batch_list(args.batch_sizes)
     official_batches = set(_batch_list(args.official_batch_sizes)) if args.official_batch_sizes else set(batch_sizes)
     graph_batches = set(_batch_list(args.cuda_graph)) if cuda else set()
@@ -619,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine_description(device)}; device {device}; torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; dtypes {', '.join(names)}; S = {args.image_size}; model {args.model}; "
-          f"compile {args.compile}; CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}")
+          f"compile {args.compile}; CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}; "
+          f"CPU linear {cpu_linear.get_cpu_linear_backend()!r}")
     if cuda:
         print(f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}; cuDNN TF32 {torch.backends.cudnn.allow_tf32}; "
               f"flash SDPA {torch.backends.cuda.flash_sdp_enabled()}; mem-efficient SDPA {torch.backends.cuda.mem_efficient_sdp_enabled()}")
@@ -643,7 +716,12 @@ def main(argv: list[str] | None = None) -> int:
     predict_result: dict[str, Any] | None = None
     for dtype in dtypes:
         name = _dtype_name(dtype)
-        model = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)
+        if dtype == FLOAT8 and not float8.float8_supported(device):
+            print(f"float8: skipped ({device} has no float8 tensor cores; needs CUDA compute capability 8.9+)")
+            continue
+        model = master if dtype == torch.float32 else copy.deepcopy(master).to(torch.bfloat16 if dtype == FLOAT8 else dtype)
+        if dtype == FLOAT8:
+            vision.set_float8(model.clip.visual)
         if args.compile:
             vision.compile_blocks(model.clip.visual)
             args.warmup = max(args.warmup, 1)  # the first call compiles
@@ -651,9 +729,9 @@ def main(argv: list[str] | None = None) -> int:
         gemm = {label: 0.0 for label in gemms}
 
         def measure_gemms() -> None:  # before and after the model runs; the best of both counts
-            for label, (shape, gemm_dtype) in gemms.items():
+            for label, (shape, gemm_dtype, kernel) in gemms.items():
                 gemm[label] = max(gemm[label], gemm_throughput(*shape, device=device, dtype=gemm_dtype, min_seconds=gemm_seconds,
-                                                               repeats=3 if cuda else 5))
+                                                               repeats=3 if cuda else 5, kernel=kernel))
 
         measure_gemms()
         dtype_rows = []
@@ -696,8 +774,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == predict_dtype and args.predict > 0:
             predict_result = _measure_predict(model, args, device, batch_sizes, dtype_rows, name)
         measure_gemms()
-        run_dtype = library_matmul_dtype(device, dtype)
-        peak_gemm[name] = max(v for label, v in gemm.items() if gemms[label][1] == run_dtype)
+        if dtype == FLOAT8:
+            peak_gemm[name] = max(gemm.values())
+        else:
+            run_dtype = library_matmul_dtype(device, dtype)
+            peak_gemm[name] = max(v for label, v in gemm.items() if gemms[label][1] == run_dtype)
         gemm_all[name] = dict(gemm)
         for r in dtype_rows:
             times = r.pop("figures")
@@ -734,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['dtype']:<9} {r['label']:<24} {r['batch']:>3} {r['images_per_s']:>9.2f} {r['median_s'] * 1e3:>12.2f} "
               f"{r['best_s'] * 1e3:>13.2f} {peak:>9} {r['flops'] / r['batch'] / 1e9:>10.1f} {r['flops_per_s'] / 1e12:>8.2f} "
               f"{r['of_gemm']:>8.1%} {speedup:>9} {other:>12}")
-    if any(library_matmul_dtype(device, d) != d for d in dtypes):
+    if any(not isinstance(d, str) and library_matmul_dtype(device, d) != d for d in dtypes):
         print("(this PyTorch build has no fast kernel on this CPU for some dtype: anomalyclip computes its GEMMs in float32 "
               f"(get_cpu_low_precision_matmul() = {vision.get_cpu_low_precision_matmul()!r}); the float32 GEMM is the reference)")
     with contextlib.suppress(OSError):
@@ -823,6 +904,14 @@ def _check_targets(rows: list[dict[str, Any]], args: argparse.Namespace, device:
         out.append(f"batch-1 latency < {TARGET_B1_LATENCY_MS:.0f} ms: {best[0]:.2f} ms ({best[1]}, {best[2]}) - {'MET' if ok else 'MISSED'}")
     else:
         out.append(f"batch-1 latency < {TARGET_B1_LATENCY_MS:.0f} ms: not measured")
+    r8, r16 = find("float8", "anomalyclip", 32), find("bfloat16", "anomalyclip", 32)
+    if r8 is None:
+        out.append(f"float8, batch 32 >= {TARGET_FLOAT8_B32_IMAGES_PER_S:.0f} images/s and >= {TARGET_FLOAT8_OVER_BF16}x bfloat16: not measured")
+    else:
+        ratio = r8["images_per_s"] / r16["images_per_s"] if r16 is not None else float("nan")
+        ok = r8["images_per_s"] >= TARGET_FLOAT8_B32_IMAGES_PER_S and ratio >= TARGET_FLOAT8_OVER_BF16
+        out.append(f"float8, batch 32 >= {TARGET_FLOAT8_B32_IMAGES_PER_S:.0f} images/s and >= {TARGET_FLOAT8_OVER_BF16}x bfloat16: "
+                   f"{r8['images_per_s']:.1f} ({ratio:.2f}x bfloat16; {r8['of_gemm']:.0%} of the float8 GEMM) - {'MET' if ok else 'MISSED'}")
     name = torch.cuda.get_device_name(device)
     if "H100" not in name:
         out.append(f"(the targets are for an H100; this GPU is {name})")

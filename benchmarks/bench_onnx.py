@@ -45,9 +45,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from bench_inference import OtherLoad, build_model, machine_description  # noqa: E402  (benchmarks/ is on sys.path)
+from bench_inference import OtherLoad, _use_forward, build_model, machine_description  # noqa: E402  (benchmarks/ is on sys.path)
 
-from anomalyclip import AnomalyCLIP  # noqa: E402
+from anomalyclip import AnomalyCLIP, cpu_linear  # noqa: E402
 from anomalyclip.onnx import OnnxAnomalyCLIP, quantize_int8  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "golden"
@@ -92,9 +92,19 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print(f"output layers: {list(model.config.feature_layers)}")
     files = {}
     start = time.perf_counter()
-    files["onnxruntime float32"] = model.export_onnx(workdir / "vitl.onnx")
-    export_s = time.perf_counter() - start
-    print(f"export (float32): {export_s:.1f} s, {files['onnxruntime float32'].stat().st_size / 1e6:.0f} MB")
+    export_dir = Path(args.export_dir) if args.export_dir else workdir
+    reuse = export_dir / "vitl.onnx"
+    if args.export_dir and reuse.exists() and not args.references and not args.feature_layers:
+        # the random model is seeded (bench_inference.build_vit_l_clip): the same weights as the
+        # earlier export; the output comparison below would show any mismatch
+        files["onnxruntime float32"] = reuse
+        export_s = None
+        print(f"export (float32): reusing {reuse} ({reuse.stat().st_size / 1e6:.0f} MB)")
+    else:
+        export_dir.mkdir(parents=True, exist_ok=True)
+        files["onnxruntime float32"] = model.export_onnx(export_dir / "vitl.onnx")
+        export_s = time.perf_counter() - start
+        print(f"export (float32): {export_s:.1f} s, {files['onnxruntime float32'].stat().st_size / 1e6:.0f} MB")
     quantize_s = None
     if args.int8:
         start = time.perf_counter()
@@ -127,13 +137,24 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pixel_values = torch.randn(b, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(b))
         array = pixel_values.numpy()
 
-        def torch_forward(references: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        def torch_forward(references: Any = None, linear: str | None = None, mode: str = "ours") -> tuple[np.ndarray, np.ndarray]:
             model.references = references
-            with torch.inference_mode():
-                out = model(pixel_values)
+            previous = cpu_linear.set_cpu_linear_backend(linear) if linear else None
+            _use_forward(model, mode)
+            try:
+                with torch.inference_mode():
+                    out = model(pixel_values)
+            finally:
+                _use_forward(model, "ours")
+                if previous is not None:
+                    cpu_linear.set_cpu_linear_backend(previous)
             return out.scores.numpy(), out.anomaly_maps.numpy()
 
         backends: dict[str, Callable[[], Any]] = {"torch": torch_forward}
+        for linear in args.torch_linear:  # the library's forward with each CPU linear kernel
+            backends[f"torch ({linear})"] = lambda linear=linear: torch_forward(linear=linear)
+        if args.official:
+            backends["torch official-style"] = lambda: torch_forward(linear="mkl", mode="official")
         if memory is not None:
             backends[f"torch + {args.references} refs"] = lambda: torch_forward(memory)
         for label, session in sessions.items():
@@ -233,17 +254,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-layers", default=None, help="output layers of the speed model, e.g. 6,12,18,24 (default: 24)")
     parser.add_argument("--references", type=int, default=0, help="also time torch and onnxruntime float32 with N few-shot references")
     parser.add_argument("--workdir", default=None, help="where to write the exports (default: a temporary directory)")
+    parser.add_argument("--torch-linear", default="",
+                        help="also time the torch forward with these CPU linear backends, e.g. onednn,mkl "
+                             "(anomalyclip.cpu_linear; 'torch' alone uses the current one, ANOMALYCLIP_CPU_LINEAR or auto)")
+    parser.add_argument("--official", action="store_true",
+                        help="also time the official-style forward (bench_inference; F.linear as the release runs it)")
+    parser.add_argument("--export-dir", default=None,
+                        help="keep the float32 export here and reuse it in later runs (the model is seeded; default: "
+                             "a temporary directory, exported every run)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.feature_layers = [int(x) for x in args.feature_layers.split(",")] if args.feature_layers else None
+    args.torch_linear = [x.strip() for x in args.torch_linear.split(",") if x.strip()]
+    for linear in args.torch_linear:
+        if linear not in cpu_linear.CPU_LINEAR_BACKENDS:
+            parser.error(f"--torch-linear: unknown backend {linear!r}; use {', '.join(cpu_linear.CPU_LINEAR_BACKENDS)}")
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer logs every node at INFO
 
     import onnxruntime
 
     print(f"machine: {machine_description(torch.device('cpu'))}{_int8_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"onnxruntime {onnxruntime.__version__} ({args.threads} intra-op threads); S = {args.image_size}")
+          f"onnxruntime {onnxruntime.__version__} ({args.threads} intra-op threads); S = {args.image_size}; "
+          f"CPU linear backend {cpu_linear.get_cpu_linear_backend()!r}")
     print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

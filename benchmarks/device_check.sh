@@ -2,10 +2,11 @@
 # Prove and measure the CUDA path in one run (issue 14): on a GPU machine with PyTorch but without
 # network access, install what is missing from .whl/ (benchmarks/fetch_device_wheels.sh fills it
 # where there is network), run the tests marked `cuda`, the inference benchmark (ViT-L/14@336-sized
-# random model at 518 px; float32, float16, bfloat16; batch 1, 8, 32; the official-style forward;
-# CUDA graphs; a profile; predict from PNG files) and the precision comparison, and print the
-# markdown tables for docs/benchmarks.md. About 3 minutes expected on an H100 (the steps' time
-# limits add up to under 6 minutes; --compile adds up to 4 more).
+# random model at 518 px; float32, float16, bfloat16, float8 (issue 23); batch 1, 8, 32; the
+# official-style forward; CUDA graphs; a profile; predict from PNG files) and the precision
+# comparison, print the markdown tables for docs/benchmarks.md, and write the run's headline
+# figures as one JSON record (benchmarks/device_results.py; issue 23). About 4 minutes expected on
+# an H100 (the steps' time limits add up to under 7 minutes; --compile adds up to 4 more).
 #
 # Usage:
 #   bash benchmarks/device_check.sh              # GPU run
@@ -15,6 +16,9 @@
 #   OUT     directory for the logs (default: a new temporary directory); at most 8 files are written:
 #           summary.md env.txt pytest.log bench.log bench.md bench.json profile.txt precision.log
 #   PYTHON  interpreter (default python3)
+#   RESULTS_DIR  where benchmarks/device_results.py writes the run's record <date>-<gpu>.json
+#           (default benchmarks/results on a GPU run, a new temporary directory in the dry run);
+#           the record is also printed at the end of the summary (a remote run returns only $OUT)
 # Exit status: 0 when every step succeeded, else 1 (every step runs either way).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -116,18 +120,27 @@ if [ "$dry_run" -eq 1 ]; then
 else
     step "pytest -m cuda" 120 "$LOG/pytest.log" \
         "$PY" -m pytest -m cuda -q -rfEs -s -p no:cacheprovider tests/test_cuda.py
-    step "bench_inference (cuda)" 170 "$LOG/bench.log" \
-        "$PY" benchmarks/bench_inference.py --device cuda --dtype float32,float16,bfloat16 --batch-sizes 1,8,32 \
+    step "bench_inference (cuda)" 230 "$LOG/bench.log" \
+        "$PY" benchmarks/bench_inference.py --device cuda --dtype float32,float16,bfloat16,float8 --batch-sizes 1,8,32 \
         --mode both --repeats 5 --warmup 2 --cuda-graph 1,8 --profile 1,32 --profile-out "$LOG/profile.txt" \
         --predict 128 --json "$LOG/bench.json" --markdown "$LOG/bench.md"
     step "precision_deviation (cuda)" 50 "$LOG/precision.log" \
-        "$PY" benchmarks/precision_deviation.py --device cuda --dtypes float16,bfloat16 --large --large-batch 2
+        "$PY" benchmarks/precision_deviation.py --device cuda --dtypes float16,bfloat16,float8 --large --large-batch 2
     if [ "$compile" -eq 1 ]; then
         step "bench_inference (cuda, torch.compile)" 240 "$LOG/bench.log" \
             "$PY" benchmarks/bench_inference.py --device cuda --dtype bfloat16 --batch-sizes 1,8 --compile \
             --repeats 5 --warmup 2 --gemm-seconds 0.1
     fi
 fi
+
+# ------------------------------------------------------------------ the machine-readable record
+RESULTS_DIR="${RESULTS_DIR:-}"
+if [ -z "$RESULTS_DIR" ]; then
+    if [ "$dry_run" -eq 1 ]; then RESULTS_DIR="$(mktemp -d -t anomalyclip-results.XXXXXX)"; else RESULTS_DIR="benchmarks/results"; fi
+fi
+results_out="$(timeout 60 "$PY" benchmarks/device_results.py --bench-json "$LOG/bench.json" --results-dir "$RESULTS_DIR" \
+    $([ "$dry_run" -eq 1 ] && echo --dry-run) 2>&1)" || failed+=("results record")
+echo "$results_out"
 
 # ------------------------------------------------------------------ summary (the tail of the output)
 # The most important lines last: a remote run returns only the tail of the output (summary.md has it all).
@@ -156,6 +169,10 @@ fi
     echo "## steps"
     echo
     cat "$summary.steps"
+    echo
+    echo "## results record (commit it as benchmarks/results/<date>-<gpu>.json)"
+    echo
+    echo "$results_out" | sed 's/^/    /'
 } > "$summary"
 rm -f "$summary.steps"
 echo

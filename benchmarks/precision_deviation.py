@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from anomalyclip import AnomalyCLIP, vision  # noqa: E402
-from anomalyclip.runtime import resolve_dtype  # noqa: E402
+from anomalyclip.runtime import resolve_precision  # noqa: E402
+from anomalyclip.vision import set_float8  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "golden"
 LAYERS = {"top": (24,), "multi": (6, 12, 18, 24)}
@@ -44,8 +45,11 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).abs().max())
 
 
-def _outputs(model: AnomalyCLIP, pixel_values: torch.Tensor, dtype: torch.dtype, device: torch.device) -> dict:
-    model.to(device=device, dtype=dtype)
+def _outputs(model: AnomalyCLIP, pixel_values: torch.Tensor, dtype: torch.dtype | str, device: torch.device) -> dict:
+    """Outputs for both layer variants with the CLIP in ``dtype`` (also ``"float8"``: CUDA 8.9+)."""
+    torch_dtype, use_float8 = resolve_precision(dtype, device) if isinstance(dtype, str) else (dtype, False)
+    model.to(device=device, dtype=torch_dtype)
+    set_float8(model.clip.visual, use_float8)
     result = {}
     with torch.inference_mode():
         for variant, layers in LAYERS.items():
@@ -81,7 +85,7 @@ def golden_comparison(dtypes: list[str], device: torch.device, image_size: int =
         amap = max(_max_abs(out.anomaly_maps[i : i + 1], golden[f"{n}.{variant}.anomaly_map"]) for i, n in enumerate("ab"))
         print(f"  {'float32 vs official golden':<28} {variant:<5}  score {score:.2e}   anomaly map {amap:.2e}")
     for name in dtypes:
-        compare(reference, _outputs(model, pixel_values, resolve_dtype(name), device), f"{name} vs float32")
+        compare(reference, _outputs(model, pixel_values, name, device), f"{name} vs float32")
 
 
 def large_comparison(dtypes: list[str], device: torch.device, batch: int) -> None:
@@ -93,12 +97,12 @@ def large_comparison(dtypes: list[str], device: torch.device, batch: int) -> Non
     reference = _outputs(model, pixel_values, torch.float32, device)
     print(f"ViT-L-14-336 with random weights ({batch} random image{'s' if batch != 1 else ''}, S = 518; device {device}); max |difference|:")
     for name in dtypes:
-        compare(reference, _outputs(model, pixel_values, resolve_dtype(name), device), f"{name} vs float32")
+        compare(reference, _outputs(model, pixel_values, name, device), f"{name} vs float32")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16, float16 (default bfloat16)")
+    parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16, float16, float8 (CUDA 8.9+) (default bfloat16)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--large", action="store_true", help="also compare on a random ViT-L-14-336 at S = 518")

@@ -19,7 +19,8 @@ LOGS = {"summary.md", "env.txt", "pytest.log", "bench.log", "bench.md", "bench.j
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_device_check_dry_run(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    results = tmp_path.parent / f"{tmp_path.name}-results"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "RESULTS_DIR": str(results)}
     proc = subprocess.run(
         ["bash", "benchmarks/device_check.sh", "--dry-run"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -46,3 +47,50 @@ def test_device_check_dry_run(tmp_path):
         assert (row["speedup"] > 0) if row["mode"] == "ours" else ("speedup" not in row)
     assert figures["predict"]["rows"][0]["images_per_s"] > 0
     assert "CPU ops" in (tmp_path / "profile.txt").read_text()
+
+    # the machine-readable record (issue 23): one file, the headline fields, nulls for what a CPU
+    # dry run cannot measure, the forwards it did measure
+    (record_path,) = results.iterdir()
+    assert record_path.name.endswith("-cpu-dry-run.json")
+    record = json.loads(record_path.read_text())
+    assert record["dry_run"] is True and record["gpu"] == "cpu-dry-run" and record["torch"]
+    assert record["forward_bf16_b32_images_per_s"] is None and record["serve_requests_per_s"] is None
+    assert set(record["forward_images_per_s"]) == {"float32", "bfloat16"}
+    assert record["predict_png_images_per_s"] > 0 and record["gemm_bf16_tflops"] > 0
+    assert "## results record" in summary and '"gpu": "cpu-dry-run"' in summary
+
+
+def test_device_results_record_from_a_gpu_bench_json(tmp_path):
+    """device_results.py on a bench.json shaped like a GPU run's: the figures land in the right fields."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import device_results
+    finally:
+        sys.path.pop(0)
+
+    def row(dtype, mode, batch, ips):
+        return dict(dtype=dtype, mode=mode, label="anomalyclip", batch=batch, images_per_s=ips)
+
+    bench = {
+        "machine": "NVIDIA H100 80GB HBM3 (79 GiB, 132 SMs, compute capability 9.0); CUDA 13.0",
+        "torch": "2.11.0+cu130",
+        "image_size": 518,
+        "command": "python benchmarks/bench_inference.py --device cuda",
+        "gemm_flops_per_s": {"bfloat16": {"8192^3": 7.2e14, "MLP": 6.3e14}, "float8": {"8192^3": 1.4e15}},
+        "rows": [row("bfloat16", "ours", 32, 372.04), row("bfloat16", "official", 32, 96.4), row("float8", "ours", 32, 512.5),
+                 row("float8", "ours", 8, 400.0)],
+        "predict": {"rows": [{"label": "predict, num_workers=None (8 threads)", "images_per_s": 210.3},
+                             {"label": "predict, num_workers=0", "images_per_s": 90.1}]},
+    }
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    assert device_results.main(["--bench-json", str(tmp_path / "bench.json"), "--results-dir", str(tmp_path / "out")]) == 0
+    (path,) = (tmp_path / "out").iterdir()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-nvidia-h100-80gb-hbm3\.json", path.name)
+    record = json.loads(path.read_text())
+    assert tuple(record)[: len(device_results.FIELDS)] == device_results.FIELDS
+    assert record["gpu"] == "NVIDIA H100 80GB HBM3" and record["torch"] == "2.11.0+cu130" and record["dry_run"] is False
+    assert record["forward_bf16_b32_images_per_s"] == 372.04 and record["forward_float8_b32_images_per_s"] == 512.5
+    assert record["gemm_bf16_tflops"] == 720.0 and record["predict_png_images_per_s"] == 210.3
+    assert record["predict_jpeg_images_per_s"] is None and record["serve_requests_per_s"] is None
+    assert record["forward_images_per_s"] == {"bfloat16": {"32": 372.04}, "float8": {"32": 512.5, "8": 400.0}}
+    assert record["commit"] is None or re.match(r"[0-9a-f]{40}", record["commit"])

@@ -21,7 +21,7 @@ from ..official import convert_official_state_dict, load_official_state_dict
 from ..options import InferenceOptions
 from ..presets import PRESETS, git_blob_sha1
 from ..prompts import PromptLearner
-from ..runtime import resolve_device, resolve_dtype
+from ..runtime import place_model
 
 __all__ = [
     "build_from_clip",
@@ -63,7 +63,7 @@ def build_from_backbone(
     """``cls`` on the open_clip backbone ``backbone``, with fresh prompts, on ``device`` / ``dtype``."""
     clip = load_clip(backbone, quick_gelu=quick_gelu, cache_dir=cache_dir)
     model = build_from_clip(cls, clip, backbone=backbone, options=options, seed=seed)
-    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    return place_model(model, device, dtype)
 
 
 def build_from_official_checkpoint(
@@ -94,7 +94,7 @@ def build_from_official_checkpoint(
         config = config.replace(trained_on=preset.trained_on)
     model = cls(clip_model, config)
     model.load_prompts(tensors, source=str(path))
-    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    return place_model(model, device, dtype)
 
 
 def config_for_clip(clip: nn.Module, backbone: str, options: InferenceOptions | None = None) -> AnomalyCLIPConfig:

@@ -36,7 +36,7 @@ from ..hub import hub_snapshot, is_offline, is_repo_id
 from ..options import InferenceOptions
 from ..presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset
 from ..references import REFERENCES_NAME, ReferenceMemory
-from ..runtime import resolve_device, resolve_dtype
+from ..runtime import place_model
 
 __all__ = ["HubPersistence", "REFERENCES_KEY", "SAVED_FILES"]
 
@@ -79,7 +79,7 @@ class HubPersistence(ModelHubMixin):
                 :meth:`save_pretrained`, or a Hub repo id holding ``config.json`` and
                 ``model.safetensors``.
             device: ``"cuda"``, ``"cpu"``, ``"mps"``...; None picks the best available.
-            dtype: float32 (default), float16 or bfloat16 for the frozen CLIP.
+            dtype: float32 (default), float16 or bfloat16 for the frozen CLIP; "auto" (per device: runtime.auto_dtype) or "float8" (CUDA, compute capability 8.9+: anomalyclip.float8).
             image_size, feature_layers, dpam_layers, dpam_mode, sigma: override the saved
                 inference options (see :meth:`reconfigure`; None keeps the saved value).
             revision: Hub revision (branch, tag or commit) of a repo id.
@@ -235,7 +235,7 @@ class HubPersistence(ModelHubMixin):
         if references_file is not None:
             model._install_references(ReferenceMemory.load(references_file))
         model.reconfigure(**options.as_kwargs())
-        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+        return place_model(model, device, dtype)
 
     def save_pretrained(  # type: ignore[override]
         self,

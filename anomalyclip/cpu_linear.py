@@ -1,0 +1,185 @@
+"""CPU matrix products through oneDNN with weights packed once, chosen per weight shape by measurement.
+
+PyTorch's ``F.linear`` on the CPU calls MKL's sgemm for float32. On x86 CPUs with AVX-512 (AMD
+EPYC and Intel Xeon alike) oneDNN's GEMM on a weight reordered once into its blocked layout
+(``torch.ops.mkldnn._linear_pointwise`` on ``torch.ops.mkldnn._reorder_linear_weight``) runs
+about 1.5-2x faster for the transformer's shapes; on other machines (Intel with AMX and many
+cores, Arm) MKL or the default path can be the faster one. So the backend is a process-wide
+choice (:func:`set_cpu_linear_backend`, or the environment variable ``ANOMALYCLIP_CPU_LINEAR``):
+
+- ``"auto"`` (default): for each (dtype, in_features, out_features) met, a micro-benchmark of
+  both kernels on that shape (512 rows, interleaved, best of 3; a few milliseconds to a few
+  hundred, once per process) picks the faster;
+- ``"onednn"``: always oneDNN with packed weights (where this PyTorch build has it);
+- ``"mkl"``: always ``F.linear`` (MKL for float32; PyTorch's own choice for other dtypes).
+
+Packed weights are a cache beside the model (:class:`anomalyclip.weight_cache.WeightCache`), never
+part of it: not parameters or buffers (``state_dict`` and saved files are unchanged), rebuilt when
+the weight changes (``model.to(...)``, ``load_state_dict``, in-place updates) and dropped with it. They cost one extra copy of the packed
+weights in memory. The packed path is for inference only: :func:`use_packed` refuses it whenever
+autograd records (training, fine-tuning), and while tracing or compiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InvalidInputError
+from .weight_cache import WeightCache, inference_only
+
+__all__ = [
+    "CPU_LINEAR_BACKENDS",
+    "set_cpu_linear_backend",
+    "get_cpu_linear_backend",
+    "onednn_linear_available",
+    "use_packed",
+    "packed_linear",
+    "clear_packed_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+CPU_LINEAR_BACKENDS = ("auto", "mkl", "onednn")
+ENV_VAR = "ANOMALYCLIP_CPU_LINEAR"
+_PROBE_ROWS = 512
+_PROBE_REPEATS = 3
+
+
+class _Settings:
+    """Process-wide state (like ``torch.backends`` flags): the backend and what ``auto`` measured."""
+
+    def __init__(self) -> None:
+        self.backend: str | None = None  # None: not yet read from the environment
+        self.choices: dict[tuple[torch.dtype, int, int], bool] = {}  # shape -> oneDNN is faster
+
+
+_SETTINGS = _Settings()
+
+
+def _env_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in CPU_LINEAR_BACKENDS:
+        logger.warning("Ignoring %s=%r: use one of %s.", ENV_VAR, value, ", ".join(CPU_LINEAR_BACKENDS))
+        return "auto"
+    return value
+
+
+def set_cpu_linear_backend(backend: str) -> str:
+    """Choose the CPU kernel of the models' matrix products (process-wide); returns the previous one.
+
+    Args:
+        backend: ``"auto"`` (measure both kernels once per weight shape and keep the faster),
+            ``"onednn"`` (oneDNN with packed weights where available) or ``"mkl"`` (``F.linear``).
+    """
+    if backend not in CPU_LINEAR_BACKENDS:
+        raise InvalidInputError(f"Unknown CPU linear backend {backend!r}; use one of {', '.join(CPU_LINEAR_BACKENDS)}.")
+    previous = get_cpu_linear_backend()
+    _SETTINGS.backend = backend
+    _SETTINGS.choices.clear()
+    return previous
+
+
+def get_cpu_linear_backend() -> str:
+    """The current backend of :func:`set_cpu_linear_backend` (first read from ``ANOMALYCLIP_CPU_LINEAR``)."""
+    if _SETTINGS.backend is None:
+        _SETTINGS.backend = _env_backend()
+    return _SETTINGS.backend
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build has oneDNN's packed linear for ``dtype`` on this CPU."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018 (raises where the op is missing)
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- packed weights
+
+_PACKS: WeightCache[torch.Tensor] = WeightCache(
+    lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PROBE_ROWS)
+)
+
+
+def clear_packed_weights() -> None:
+    """Free every packed weight (they are rebuilt on the next CPU forward)."""
+    _PACKS.clear()
+
+
+def _onednn(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0, activation: str = "none"
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2, _PACKS.get(weight, scale), bias, activation, [], "")
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _measure(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether oneDNN (packed) beats ``F.linear`` on ``weight``'s shape (512 random rows)."""
+    x = torch.randn(_PROBE_ROWS, weight.shape[1], dtype=weight.dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PROBE_ROWS)  # not cached: a probe
+
+    def onednn_call() -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    def plain_call() -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    onednn_call(), plain_call()  # warm-up
+    onednn = plain = float("inf")
+    for _ in range(_PROBE_REPEATS):
+        onednn = min(onednn, _seconds(onednn_call))
+        plain = min(plain, _seconds(plain_call))
+    logger.debug(
+        "CPU linear %s x %s (%s): oneDNN packed %.2f ms, F.linear %.2f ms",
+        tuple(weight.shape), _PROBE_ROWS, weight.dtype, onednn * 1e3, plain * 1e3,
+    )
+    return onednn < plain
+
+
+def use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight^T`` should run through oneDNN with a packed weight (see the module doc)."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype or weight.ndim != 2:
+        return False
+    if not inference_only(x, weight):
+        return False  # autograd records (oneDNN's packed op has no backward), or a trace / export
+    backend = get_cpu_linear_backend()
+    if backend == "mkl" or not onednn_linear_available(x.dtype):
+        return False
+    if backend == "onednn":
+        return True
+    key = (weight.dtype, weight.shape[1], weight.shape[0])
+    choice = _SETTINGS.choices.get(key)
+    if choice is None:
+        with torch.no_grad():
+            choice = _SETTINGS.choices[key] = _measure(weight, None)
+    return choice
+
+
+def packed_linear(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, scale: float = 1.0, silu: bool = False
+) -> torch.Tensor:
+    """``act(x2 @ (scale * weight)^T + bias)`` for ``x2 [M, K]``, ``weight [N, K]`` through oneDNN.
+
+    The weight is packed once per ``scale`` (the scale folded into the packed copy: no pass over
+    the output); ``silu`` applies SiLU in the GEMM's epilogue (oneDNN's ``swish``).
+    """
+    return _onednn(x2, weight, bias, scale, "swish" if silu else "none")

@@ -25,7 +25,8 @@ from PIL import Image
 
 # The golden files, as tests/conftest.py names them (which imports this module: no import back).
 _GOLDEN = Path(__file__).parent / "fixtures" / "golden"
-OFFICIAL_PTH, IMAGE_B = _GOLDEN / "official_prompt_learner.pth", _GOLDEN / "image_b.png"
+OFFICIAL_PTH = _GOLDEN / "official_prompt_learner.pth"
+IMAGE_A, IMAGE_B = _GOLDEN / "image_a.png", _GOLDEN / "image_b.png"
 TINY_CLIP_REF = f"local-dir:{_GOLDEN / 'tiny-clip'}"
 
 #: Output layers of the exports: the last layer only, or four.
@@ -61,14 +62,31 @@ def configured(model, size: int, variant: str, references: str | None = None) ->
         model.reconfigure(image_size=518, feature_layers=(24,))
 
 
+#: Parity cases of every backend: two sizes, one and four layers, without and with few-shot references.
+PARITY_CASES = [(size, variant, None) for size in (224, 518) for variant in LAYERS] + [
+    (224, "top", "float32"),
+    (224, "multi", "float16-blocks"),
+    (518, "top", "float16-blocks"),
+    (518, "multi", "float32"),
+]
+#: The parity batch: both golden images, the defective one twice (batch 3 through a batch-2 example).
+BATCH_3 = [IMAGE_A, IMAGE_B, IMAGE_A]
+
+_TORCH_OUTPUTS: dict[tuple, tuple] = {}
+
+
 def torch_reference(model, size: int, variant: str, images, references: str | None = None):
-    """``(pixel_values, model(pixel_values), model.predict(images))`` of the torch model so configured."""
-    with configured(model, size, variant, references):
-        pixel_values = model.preprocess(images)
-        with torch.inference_mode():
-            out = model(pixel_values)
-        results = model.predict(images)
-    return pixel_values, out, results
+    """``(pixel_values, model(pixel_values), model.predict(images))`` of the torch model so configured,
+    computed once per configuration and image list in a session (read-only: do not modify them)."""
+    key = (id(model), size, variant, references, tuple(str(i) for i in images))
+    if key not in _TORCH_OUTPUTS:
+        with configured(model, size, variant, references):
+            pixel_values = model.preprocess(images)
+            with torch.inference_mode():
+                out = model(pixel_values)
+            results = model.predict(images)
+        _TORCH_OUTPUTS[key] = (pixel_values, out, results)
+    return _TORCH_OUTPUTS[key]
 
 
 def max_abs(a, b) -> float:

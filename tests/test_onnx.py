@@ -34,10 +34,8 @@ from anomalyclip.onnx.metadata import FORMAT_KEY, FORMAT_VERSION, REFERENCE_BUFF
 from anomalyclip.eval.thresholds import Thresholds  # noqa: E402
 
 from .conftest import IMAGE_A, IMAGE_B, OFFICIAL_PTH, TINY_CLIP_REF  # noqa: E402
-from .onnx_fixtures import LAYERS, REFERENCES, configured as _configured, max_abs as _max_abs, torch_reference as _torch_reference  # noqa: E402
+from .onnx_fixtures import BATCH_3, LAYERS, PARITY_CASES, REFERENCES, configured as _configured, max_abs as _max_abs, torch_reference as _torch_reference  # noqa: E402
 
-SIZES = (224, 518)
-BATCH_3 = [IMAGE_A, IMAGE_B, IMAGE_A]
 
 
 def _repo_env() -> dict[str, str]:
@@ -64,14 +62,6 @@ def _assert_same_masks(mask, reference_mask, reference_map, threshold: float, to
 
 
 # ----------------------------------------------------------------------------- parity
-
-
-PARITY_CASES = [(size, variant, None) for size in SIZES for variant in LAYERS] + [
-    (224, "top", "float32"),
-    (224, "multi", "float16-blocks"),
-    (518, "top", "float16-blocks"),
-    (518, "multi", "float32"),
-]
 
 
 @pytest.mark.parametrize("size, variant, references", PARITY_CASES)
@@ -559,7 +549,7 @@ def test_runtime_modules_never_import_torch_modules():
     graph = import_graph()
     torch_modules = {"anomalyclip.model", "anomalyclip.vision", "anomalyclip.ops", "anomalyclip.scoring",
                      "anomalyclip.runtime", "anomalyclip.backbone", "anomalyclip.prompts", "anomalyclip.onnx.export"}
-    for start in ("anomalyclip.onnx.runtime", "anomalyclip.onnx.metadata", "anomalyclip.onnx.quantize"):
+    for start in ("anomalyclip.onnx.runtime", "anomalyclip.onnx.openvino_backend", "anomalyclip.onnx.metadata", "anomalyclip.onnx.quantize"):
         seen, todo = set(), [start]
         while todo:
             module = todo.pop()

@@ -116,10 +116,13 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         model.reconfigure(feature_layers=args.feature_layers)
     print(f"output layers: {list(model.config.feature_layers)}")
     files = {}
-    start = time.perf_counter()
-    files["onnxruntime float32"] = model.export_onnx(workdir / "vitl.onnx")
-    export_s = time.perf_counter() - start
-    print(f"export (float32): {export_s:.1f} s, {files['onnxruntime float32'].stat().st_size / 1e6:.0f} MB")
+    if args.onnx:  # an existing float32 export of this model (the outputs are checked against torch below)
+        files["onnxruntime float32"], export_s = Path(args.onnx), None
+    else:
+        start = time.perf_counter()
+        files["onnxruntime float32"] = model.export_onnx(workdir / "vitl.onnx")
+        export_s = time.perf_counter() - start
+        print(f"export (float32): {export_s:.1f} s, {files['onnxruntime float32'].stat().st_size / 1e6:.0f} MB")
     quantize_s = None
     if args.int8:
         start = time.perf_counter()
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--openvino", action="store_true", help="also run the float32 export on OpenVINO, float32 and bfloat16")
     parser.add_argument("--model", choices=("vitl", "tiny"), default="vitl",
                         help="speed model: the ViT-L/14@336-sized random CLIP (default) or the golden tiny CLIP")
+    parser.add_argument("--onnx", default=None, help="time this float32 export of the speed model instead of exporting one")
     parser.add_argument("--workdir", default=None, help="where to write the exports (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -10,16 +10,22 @@
    With ``--references N`` it also exports the model with N few-shot reference images (random
    pixels; the search costs the same for any values) and times torch and onnxruntime float32
    with them, in the same interleaving.
+   ``--model tiny`` times the golden tiny CLIP instead (the test model; seconds, not minutes).
+   With ``--openvino`` the same float32 file also runs on OpenVINO's CPU plugin
+   (``OnnxAnomalyCLIP(..., backend="openvino")``) in float32 and in bfloat16 (its
+   ``INFERENCE_PRECISION_HINT``), with the same thread count, in the same interleaving.
 2. **Deviation on the golden images** (``--golden``): the golden prompts on the tiny test CLIP,
    ``image_a`` / ``image_b`` at 518 px, layers 24 and 6, 12, 18, 24: onnxruntime float32 and int8
    against the torch model and against the official golden outputs; then the same with one
-   few-shot reference (``image_b`` mirrored) in the graph.
+   few-shot reference (``image_b`` mirrored) in the graph. With ``--openvino``, also OpenVINO
+   float32 and bfloat16 against onnxruntime float32 and against torch.
 
 Usage::
 
     python benchmarks/bench_onnx.py --threads 2 --batch-sizes 1,8 --repeats 2 --int8 --golden
     python benchmarks/bench_onnx.py --golden --no-speed             # deviation only (seconds)
     python benchmarks/bench_onnx.py --batch-sizes 1,8 --references 4  # + few-shot references in the graph
+    python benchmarks/bench_onnx.py --openvino --golden --model tiny --batch-sizes 1,8 --repeats 5
 
 Times are the best of ``--repeats`` after ``--warmup`` untimed runs; the timed runs alternate
 between the backends (torch, onnxruntime float32, int8, torch, ...) so that load from other
@@ -85,8 +91,27 @@ def _interleaved(
     return {label: (times[label], last[label], other[label]) for label in backends}
 
 
+def _golden_model() -> AnomalyCLIP:
+    return AnomalyCLIP.from_official_checkpoint(
+        GOLDEN / "official_prompt_learner.pth", clip=f"local-dir:{GOLDEN / 'tiny-clip'}", device="cpu"
+    )
+
+
+def _openvino_sessions(path: Path, threads: int) -> dict[str, OnnxAnomalyCLIP]:
+    """The float32 file on OpenVINO's CPU plugin, float32 and bfloat16 (where the CPU has it)."""
+    import openvino
+
+    precisions = ["f32"] + (["bf16"] if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else [])
+    names = {"f32": "float32", "bf16": "bfloat16"}
+    return {f"openvino {names[p]}": OnnxAnomalyCLIP(path, backend="openvino", precision=p, threads=threads) for p in precisions}
+
+
 def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    model = build_model(args.image_size, torch.device("cpu"), torch.float32)
+    if args.model == "tiny":
+        model = _golden_model()
+        model.reconfigure(image_size=args.image_size)
+    else:
+        model = build_model(args.image_size, torch.device("cpu"), torch.float32)
     if args.feature_layers:
         model.reconfigure(feature_layers=args.feature_layers)
     print(f"output layers: {list(model.config.feature_layers)}")
@@ -94,7 +119,9 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     export_dir = Path(args.export_dir) if args.export_dir else workdir
     reuse = export_dir / "vitl.onnx"
-    if args.export_dir and reuse.exists() and not args.references and not args.feature_layers:
+    if args.onnx:  # an existing float32 export of this model (the outputs are checked against torch below)
+        files["onnxruntime float32"], export_s = Path(args.onnx), None
+    elif args.export_dir and reuse.exists() and not args.references and not args.feature_layers:
         # the random model is seeded (bench_inference.build_vit_l_clip): the same weights as the
         # earlier export; the output comparison below would show any mismatch
         files["onnxruntime float32"] = reuse
@@ -129,6 +156,10 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         start = time.perf_counter()
         sessions[label] = OnnxAnomalyCLIP(path, providers=["CPUExecutionProvider"], threads=args.threads)
         print(f"session ({label}): {time.perf_counter() - start:.1f} s")
+    if args.openvino:
+        start = time.perf_counter()
+        sessions.update(_openvino_sessions(files["onnxruntime float32"], args.threads))
+        print(f"OpenVINO compile (float32 and bfloat16): {time.perf_counter() - start:.1f} s")
     with torch.inference_mode():
         model.encode_text()  # cached: outside the timings, as in normal use
 
@@ -179,9 +210,7 @@ def golden(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     expected = load_file(str(GOLDEN / "expected.safetensors"))
-    model = AnomalyCLIP.from_official_checkpoint(
-        GOLDEN / "official_prompt_learner.pth", clip=f"local-dir:{GOLDEN / 'tiny-clip'}", device="cpu"
-    )
+    model = _golden_model()
     images = [GOLDEN / "image_a.png", GOLDEN / "image_b.png"]
     out: dict[str, Any] = {}
     print("golden images (tiny CLIP, S = 518), max |difference| (score; map):")
@@ -204,6 +233,11 @@ def golden(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "onnxruntime int8 vs onnxruntime float32": (s8, m8, s32, m32),
             "onnxruntime int8 vs torch float32": (s8, m8, ref.scores.numpy(), ref.anomaly_maps.numpy()),
         }
+        if args.openvino:
+            for label, session in _openvino_sessions(f32, args.threads).items():
+                s, m = session.run(pixel_values)
+                comparisons[f"{label} vs onnxruntime float32"] = (s, m, s32, m32)
+                comparisons[f"{label} vs torch"] = (s, m, ref.scores.numpy(), ref.anomaly_maps.numpy())
         for label, (s, m, rs, rm) in comparisons.items():
             out[f"{variant}: {label}"] = (_max_abs(s, rs), _max_abs(m, rm))
             print(f"  layers {','.join(map(str, layers)):<12} {label:<42} {_max_abs(s, rs):.2e}; {_max_abs(m, rm):.2e}")
@@ -218,10 +252,15 @@ def golden(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         model.reconfigure(feature_layers=(24,))
         s32r, m32r = OnnxAnomalyCLIP(f32r, threads=args.threads).run(pixel_values)
         s8r, m8r = OnnxAnomalyCLIP(i8r, threads=args.threads).run(pixel_values)
-        for label, (s, m, rs, rm) in {
+        with_reference = {
             "+ 1 reference: onnxruntime float32 vs torch": (s32r, m32r, ref_r.scores.numpy(), ref_r.anomaly_maps.numpy()),
             "+ 1 reference: onnxruntime int8 vs float32": (s8r, m8r, s32r, m32r),
-        }.items():
+        }
+        if args.openvino:
+            for label, session in _openvino_sessions(f32r, args.threads).items():
+                s, m = session.run(pixel_values)
+                with_reference[f"+ 1 reference: {label} vs onnxruntime float32"] = (s, m, s32r, m32r)
+        for label, (s, m, rs, rm) in with_reference.items():
             out[f"{variant}: {label}"] = (_max_abs(s, rs), _max_abs(m, rm))
             print(f"  layers {','.join(map(str, layers)):<12} {label:<42} {_max_abs(s, rs):.2e}; {_max_abs(m, rm):.2e}")
         # Also the mean absolute map difference and the scale of the maps, to put int8 in context.
@@ -253,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-speed", action="store_true", help="skip the ViT-L speed comparison")
     parser.add_argument("--feature-layers", default=None, help="output layers of the speed model, e.g. 6,12,18,24 (default: 24)")
     parser.add_argument("--references", type=int, default=0, help="also time torch and onnxruntime float32 with N few-shot references")
+    parser.add_argument("--openvino", action="store_true", help="also run the float32 export on OpenVINO, float32 and bfloat16")
+    parser.add_argument("--model", choices=("vitl", "tiny"), default="vitl",
+                        help="speed model: the ViT-L/14@336-sized random CLIP (default) or the golden tiny CLIP")
+    parser.add_argument("--onnx", default=None, help="time this float32 export of the speed model instead of exporting one")
     parser.add_argument("--workdir", default=None, help="where to write the exports (default: a temporary directory)")
     parser.add_argument("--torch-linear", default="",
                         help="also time the torch forward with these CPU linear backends, e.g. onednn,mkl "
@@ -278,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_description(torch.device('cpu'))}{_int8_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"onnxruntime {onnxruntime.__version__} ({args.threads} intra-op threads); S = {args.image_size}; "
           f"CPU linear backend {cpu_linear.get_cpu_linear_backend()!r}")
+    if args.openvino:
+        import openvino
+
+        print(f"openvino {openvino.__version__} ({args.threads} inference threads)")
     print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

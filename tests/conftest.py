@@ -107,3 +107,7 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, golden_model) -> P
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+# The session's ONNX exports (one per configuration, shared by every test module and xdist worker).
+from .onnx_fixtures import exported, onnx_model  # noqa: E402,F401

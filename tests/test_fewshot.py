@@ -475,18 +475,20 @@ def test_fewshot_beats_zero_shot_through_the_cli(small_model, textures, tmp_path
     base = ["-q", "evaluate", "--model", str(model_dir), "--data", str(textures), "--format", "mvtec"]
     base += ["--image-size", "224"]
     assert main([*base, "--out", str(tmp_path / "zero")]) == 0
-    assert main([*base, "--out", str(tmp_path / "four"), "--shots", "4", "--seed", "0"]) == 0
-    capsys.readouterr()
     zero = json.loads((tmp_path / "zero" / "metrics.json").read_text())
-    four = json.loads((tmp_path / "four" / "metrics.json").read_text())
     assert zero["settings"]["shots"] == 0 and zero["settings"]["seed"] is None
-    assert four["settings"]["shots"] == 4 and four["settings"]["seed"] == 0
     assert zero["mean"]["pixel_auroc"] < 0.7
-    assert four["mean"]["pixel_auroc"] > 0.85
-    assert four["mean"]["pixel_auroc"] > zero["mean"]["pixel_auroc"] + 0.25
-    for name in ("texture_a", "texture_b"):
-        assert four["classes"][name]["pixel_auroc"] > 0.8
-    assert four["mean"]["image_auroc"] >= zero["mean"]["image_auroc"]
+    for seed in (0, 1):  # two draws of the shots: the bar holds for both, not for one lucky draw
+        out = tmp_path / f"four-{seed}"
+        assert main([*base, "--out", str(out), "--shots", "4", "--seed", str(seed)]) == 0
+        four = json.loads((out / "metrics.json").read_text())
+        assert four["settings"]["shots"] == 4 and four["settings"]["seed"] == seed
+        assert four["mean"]["pixel_auroc"] > 0.85
+        assert four["mean"]["pixel_auroc"] > zero["mean"]["pixel_auroc"] + 0.25
+        for name in ("texture_a", "texture_b"):
+            assert four["classes"][name]["pixel_auroc"] > 0.8
+        assert four["mean"]["image_auroc"] >= zero["mean"]["image_auroc"]
+    capsys.readouterr()
 
 
 def test_cli_predict_with_references(small_model, converted_small, tmp_path, capsys):

@@ -43,8 +43,12 @@ def test_calibrated_model_saved_and_reloaded_labels_images_with_no_argument(fres
     assert (result.image_threshold, result.pixel_threshold) == (thresholds.image, thresholds.pixel)
     assert result.label == int(result.score > thresholds.image)
     assert np.array_equal(result.mask, result.anomaly_map > thresholds.pixel)
-    # quantile 1.0 is the maximum over the calibration set: none of its images is flagged.
-    assert [r.label for r in reloaded.predict(normal_images)] == [0, 0]
+    # quantile 1.0 is the maximum over the calibration set: the threshold is the highest normal
+    # score (its own label sits on the knife edge: a 1e-7 difference between batches or CPUs
+    # flips it, so it is not asserted), and the other normal image, clear below it, is passed.
+    lower, highest = sorted(reloaded.predict(normal_images), key=lambda r: r.score)
+    assert thresholds.image == pytest.approx(highest.score, abs=1e-5)
+    assert thresholds.image - lower.score > 1e-3 and lower.label == 0
 
 
 def test_explicit_arguments_win_and_false_means_none(fresh_model, normal_images):

@@ -22,11 +22,13 @@ from ..predictor.thresholds import resolve_thresholds
 from ..preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_array
 from .metadata import INPUT_NAME, OUTPUT_NAMES, OnnxMetadata
 
-__all__ = ["OnnxAnomalyCLIP", "DEFAULT_PROVIDERS"]
+__all__ = ["OnnxAnomalyCLIP", "DEFAULT_PROVIDERS", "BACKENDS"]
 
 #: Providers tried in this order when none are given (those this onnxruntime build has).
 #: TensorRT is left to an explicit choice: it builds an engine on first use (minutes).
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+#: What can run the file: onnxruntime (``[onnx]``) or OpenVINO (``[openvino]``, CPU).
+BACKENDS = ("onnxruntime", "openvino")
 
 
 def _import_onnxruntime() -> Any:
@@ -44,13 +46,14 @@ def _is_image_list(images: Any) -> bool:
 
 
 class OnnxAnomalyCLIP:
-    """An exported AnomalyCLIP (``anomalyclip export`` / ``AnomalyCLIP.export_onnx``) run by onnxruntime.
+    """An exported AnomalyCLIP (``anomalyclip export`` / ``AnomalyCLIP.export_onnx``) run by onnxruntime or OpenVINO.
 
     Typical use::
 
         from anomalyclip.onnx import OnnxAnomalyCLIP
         model = OnnxAnomalyCLIP("anomalyclip.onnx")               # CPU, or CUDA with onnxruntime-gpu
         result = model.predict("part.png")                         # AnomalyResult(score, anomaly_map)
+        model = OnnxAnomalyCLIP("anomalyclip.onnx", backend="openvino")  # the same file on OpenVINO (CPU)
 
     Args:
         path: the ``.onnx`` file (with its ``.onnx.data`` next to it, for exports over 2 GiB).
@@ -58,14 +61,21 @@ class OnnxAnomalyCLIP:
             ``(name, options)`` pairs, e.g. ``["TensorrtExecutionProvider",
             "CUDAExecutionProvider", "CPUExecutionProvider"]``. Default: CUDA if this
             onnxruntime build has it, then CPU.
-        threads: onnxruntime intra-op threads (CPU); default: onnxruntime's (all cores).
+        threads: intra-op threads (CPU); default: the backend's (all cores).
         session_options: an ``onnxruntime.SessionOptions`` for full control (``threads`` is
             applied on top of it).
+        backend: ``"onnxruntime"`` (default; ``pip install "anomalyclip[onnx]"``) or
+            ``"openvino"`` (CPU; ``pip install "anomalyclip[openvino]"``, see
+            :class:`~anomalyclip.onnx.openvino_backend.OpenVINOSession`). Neither needs torch.
+        precision: OpenVINO only: ``"f32"`` (default, the golden numerics) or ``"bf16"``
+            (faster on CPUs with AVX512-BF16 / AMX; deviation in docs/deployment.md).
 
     Raises:
         WeightsNotFoundError: ``path`` does not exist.
         CheckpointError: the file is not ONNX, or not an anomalyclip export, or of a newer format.
-        InvalidInputError: a provider this onnxruntime build does not have.
+        InvalidInputError: a provider this onnxruntime build does not have; an unknown backend or
+            precision; onnxruntime options given to the OpenVINO backend or the reverse.
+        MissingDependencyError: the backend's package is not installed.
     """
 
     def __init__(
@@ -75,13 +85,43 @@ class OnnxAnomalyCLIP:
         *,
         threads: int | None = None,
         session_options: Any = None,
+        backend: str = "onnxruntime",
+        precision: str | None = None,
     ) -> None:
-        ort = _import_onnxruntime()
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}.")
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightsNotFoundError(
                 f"No ONNX file at '{self.path}'. Export one with `anomalyclip export --model MODEL --format onnx "
                 f"--out {self.path.name}` (or AnomalyCLIP.export_onnx) and copy it here."
+            )
+        self.backend = backend
+        if backend == "openvino":
+            self.session = self._openvino_session(providers, session_options, precision, threads)
+        else:
+            self.session = self._onnxruntime_session(providers, session_options, precision, threads)
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = OnnxMetadata.from_props(props, str(self.path))
+        self._threshold_warnings: set = set()
+        self._check_signature()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _openvino_session(self, providers: Any, session_options: Any, precision: str | None, threads: int | None) -> Any:
+        from .openvino_backend import OpenVINOSession
+
+        if providers is not None or session_options is not None:
+            raise InvalidInputError(
+                "providers and session_options configure onnxruntime; the OpenVINO backend takes precision= and threads=."
+            )
+        return OpenVINOSession(self.path, precision=precision, threads=threads)
+
+    def _onnxruntime_session(self, providers: Any, session_options: Any, precision: str | None, threads: int | None) -> Any:
+        ort = _import_onnxruntime()
+        if precision not in (None, "f32", "float32"):
+            raise InvalidInputError(
+                f"precision={precision!r} is an OpenVINO option (backend='openvino'); onnxruntime runs the file in "
+                "its own dtype (export with dtype='float16' for float16)."
             )
         if session_options is None:
             options = ort.SessionOptions()
@@ -94,19 +134,14 @@ class OnnxAnomalyCLIP:
             options.intra_op_num_threads = threads
         providers = self._resolve_providers(ort, providers)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
                 f"onnxruntime cannot load '{self.path}': {reason}. Expected an ONNX file written by `anomalyclip export` "
                 "(a damaged or partial copy fails like this: copy it again, with its .onnx.data file if it has one)."
             ) from exc
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = OnnxMetadata.from_props(props, str(self.path))
-        self._threshold_warnings: set = set()
-        self._check_signature()
 
-    # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _resolve_providers(ort: Any, providers: Sequence[str | tuple[str, dict]] | None) -> list:
         available = ort.get_available_providers()

@@ -520,10 +520,14 @@ def test_references_the_export_cannot_use_are_refused(model, tmp_path, caplog):
 def test_stored_thresholds_resolve_as_predict_applies_them(model, caplog):
     """Default: the model's own; explicit values win field by field; False: none; other settings: none."""
     with _configured(model, 224, "top"):
-        model.thresholds = Thresholds(image=0.3, pixel=1.2)
+        model.thresholds = Thresholds(image=0.3, pixel=0.7)  # within the map range [0, 1] (refused outside)
         config = model.config
-        resolve = export_module._stored_thresholds
-        assert resolve(model, config, None, None, None) == (0.3, 1.2)
+        mode = export_module._export_mode
+
+        def resolve(model, config, thresholds, image, pixel):
+            return export_module._stored_thresholds(model, config, thresholds, image, pixel, mode(model, config))
+
+        assert resolve(model, config, None, None, None) == (0.3, 0.7)
         assert resolve(model, config, None, None, 0.9) == (0.3, 0.9)
         assert resolve(model, config, False, None, None) == (None, None)
         assert resolve(model, config, False, 0.5, None) == (0.5, None)

@@ -31,7 +31,7 @@ def test_save_load_round_trip(golden_model, tmp_path):
     assert sorted(tensors) == ["ctx_anomalous", "ctx_normal", "deep_prompts"]  # only the prompts
     assert tensors["deep_prompts"].shape == (8, 4, 64)
     config = json.loads((out / "config.json").read_text())
-    assert config["format_version"] == 2 and config["quick_gelu"] is True
+    assert config["format_version"] == 3 and config["quick_gelu"] is True
     assert config["thresholds"] is None and config["trained_on"] is None
     assert list(config) == sorted(config)  # sorted keys
     loaded = AnomalyCLIP.from_pretrained(out, device="cpu")

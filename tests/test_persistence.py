@@ -100,7 +100,7 @@ def test_config_validation(golden_model, tmp_path):
         ({"surprise": 1}, r"unknown keys \['surprise'\]"),
         ({"format_version": 99}, "newer than this library supports"),
         ({"format_version": "2"}, "format_version must be a positive int, got '2'"),
-        ({"format_version": 1}, r"unknown keys \['thresholds', 'trained_on'\] for format_version 1"),
+        ({"format_version": 1}, r"unknown keys \['threshold_mode', 'thresholds', 'trained_on'\] for format_version 1"),
         ({"text_width": 768}, "text_width: config 768 vs backbone 64"),
         ({"dpam_mode": "xx"}, "config.json: dpam_mode must be one of"),
         ({"sigma": "4"}, r"config.json: sigma must be a number, got '4' \(str\)"),

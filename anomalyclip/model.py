@@ -42,6 +42,7 @@ from .preprocessing import ImageInput, PreparedImage, check_image_size, prepare_
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .files import atomic_path, atomic_write, cache_root, find_images
 from .references import (
+    DEFAULT_FUSION,
     REFERENCES_NAME,
     ReferenceMemory,
     fuse_references,
@@ -50,7 +51,7 @@ from .references import (
     resolve_storage_dtype,
 )
 from .runtime import is_out_of_memory, out_of_memory_error, resolve_device, resolve_dtype
-from .scoring import anomaly_maps, gaussian_blur, image_scores
+from .scoring import anomaly_maps, image_scores
 from .tiling import TileStitcher, crop_prepared, tile_grid
 from .eval.thresholds import Thresholds
 from .vision import encode_image
@@ -611,16 +612,19 @@ class AnomalyCLIP(nn.Module):
     @property
     def map_range(self) -> tuple[float, float]:
         """``(0.0, n)``: the range of anomaly-map values for ``n = len(config.feature_layers)``;
-        ``(0.0, 3 n)`` with few-shot references.
+        with few-shot references ``(0.0, 1.0)`` (the ``"standardized"`` fusion) or ``(0.0, 3 n)``
+        (the ``"sum"`` fusion).
 
         A zero-shot map is the official sum over the output layers of each layer's anomalous
         probability, so its values lie in [0, 1] with the default single layer and in [0, 4] with
-        ``(6, 12, 18, 24)``. With references, each layer adds its nearest-neighbour cosine
-        distance, in [0, 2] (``docs/fewshot.md``). Use it as an overlay's colour range
-        (``save_overlay(..., vmin=lo, vmax=hi)``) and to read a pixel threshold.
+        ``(6, 12, 18, 24)``. The ``"sum"`` fusion adds each layer's nearest-neighbour cosine
+        distance, in [0, 2]; the ``"standardized"`` one maps the mean standardized part into
+        (0, 1), 0.5 at the normal references' mean (``docs/fewshot.md``). Use it as an overlay's
+        colour range (``save_overlay(..., vmin=lo, vmax=hi)``) and to read a pixel threshold.
         """
-        n = float(len(self.config.feature_layers))
-        return (0.0, 3.0 * n if self._references is not None else n)
+        if self._references is not None:
+            return self._references.map_range
+        return (0.0, float(len(self.config.feature_layers)))
 
     @property
     def thresholds(self) -> Thresholds | None:
@@ -739,6 +743,13 @@ class AnomalyCLIP(nn.Module):
             ResourceError: the batch does not fit in the device's memory (the message says how
                 to make it fit).
         """
+        out = self._zero_shot_forward(pixel_values)
+        if self._references is not None:
+            out = self._fuse_references(out, pixel_values.shape[-1])
+        return out
+
+    def _zero_shot_forward(self, pixel_values: torch.Tensor) -> AnomalyOutput:
+        """:meth:`forward` without the references."""
         self._check_pixel_values(pixel_values)
         if self.device.type == "cuda" and pixel_values.device != self.device:
             pixel_values = pixel_values.to(self.device, non_blocking=True)
@@ -762,8 +773,6 @@ class AnomalyCLIP(nn.Module):
             zero_shot_scores=scores,
             zero_shot_maps=final,
         )
-        if self._references is not None:
-            out = self._fuse_references(out, pixel_values.shape[-1])
         return out
 
     def _fuse_references(self, out: AnomalyOutput, image_size: int) -> AnomalyOutput:
@@ -773,16 +782,16 @@ class AnomalyCLIP(nn.Module):
         if memory.device != self.device:
             memory.to(self.device)
         distances = memory.distances(out.patch_features)  # layer -> [B, G*G]
-        fused = fuse_references(out.scores, out.raw_anomaly_maps, distances)
-        blurred = gaussian_blur(torch.cat([fused.raw_maps, fused.reference_raw_maps]), self.config.sigma)
-        b = fused.raw_maps.shape[0]
+        fused = fuse_references(
+            out.scores, out.raw_anomaly_maps, distances, sigma=self.config.sigma, statistics=memory.fusion_statistics()
+        )
         return dataclasses.replace(
             out,
             scores=fused.scores,
-            anomaly_maps=blurred[:b],
+            anomaly_maps=fused.maps,
             raw_anomaly_maps=fused.raw_maps,
             reference_scores=fused.reference_scores,
-            reference_maps=blurred[b:],
+            reference_maps=fused.reference_maps,
         )
 
     # ------------------------------------------------------------------ few-shot references
@@ -828,6 +837,7 @@ class AnomalyCLIP(nn.Module):
         tile_overlap: float = 0.25,
         coreset: float | None = None,
         storage_dtype: str | torch.dtype | None = None,
+        fusion: str | None = None,
         seed: int = 0,
         progress: bool = False,
     ) -> int:
@@ -851,6 +861,8 @@ class AnomalyCLIP(nn.Module):
                 PatchCore's greedy k-center coreset (for many references, e.g. 0.1 for 100+).
             storage_dtype: ``"float32"`` (default) or ``"float16"`` (half the memory; distances
                 change by about 1e-3). Fixed by the first call.
+            fusion: ``"standardized"`` (default) or ``"sum"``, how the reference part is fused
+                with the zero-shot output (``docs/fewshot.md``). Fixed by the first call.
             seed: seed of the coreset.
             progress: show a tqdm progress bar.
 
@@ -874,6 +886,7 @@ class AnomalyCLIP(nn.Module):
                 tile_overlap=tile_overlap if tile_size is not None else None,
                 dpam_layers=self.config.dpam_layers,
                 dpam_mode=self.config.dpam_mode,
+                fusion=fusion if fusion is not None else DEFAULT_FUSION,
             )
         else:
             memory.check_compatible(**self._reference_settings())
@@ -886,28 +899,47 @@ class AnomalyCLIP(nn.Module):
                 raise InvalidInputError(
                     f"The memory stores {memory.storage_dtype}; call model.clear_references() to change the storage dtype."
                 )
+            if fusion is not None and fusion != memory.fusion:
+                raise InvalidInputError(f"The memory fuses with {memory.fusion!r}; call model.clear_references() to change the fusion.")
         tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.config.feature_layers}
+        zero_shot: list[AnomalyOutput] = []  # the units' zero-shot outputs, for the fusion statistics
+        groups: list[int] = []
 
-        def collect(pixel_values: torch.Tensor) -> None:
-            features = self.encode_image(pixel_values.to(device=self.device, dtype=self.dtype))
+        def collect(pixel_values: torch.Tensor, group: Sequence[int]) -> None:
+            zero_shot.append(self._zero_shot_forward(pixel_values))
+            groups.extend(group)
             for layer in self.config.feature_layers:
-                t = normalize_patch_tokens(features.patch_features[layer])
-                tokens[layer].append(t.reshape(-1, t.shape[-1]))
+                tokens[layer].append(normalize_patch_tokens(zero_shot[-1].patch_features[layer]))
 
         from tqdm.auto import tqdm
 
         with torch.inference_mode():
             if tile_size is None:
                 for start in tqdm(range(0, len(items), batch_size), desc="references", unit="batch", disable=not progress):
-                    collect(self.preprocess(items[start : start + batch_size]))
+                    chunk_items = items[start : start + batch_size]
+                    collect(self.preprocess(chunk_items), range(start, start + len(chunk_items)))
             else:
-                for item in tqdm(items, desc="references", unit="img", disable=not progress):
+                for index, item in enumerate(tqdm(items, desc="references", unit="img", disable=not progress)):
                     prepared = self._prepare(item)
                     tiles = tile_grid(*prepared.size, tile_size, tile_overlap).tiles
                     for start in range(0, len(tiles), batch_size):
                         chunk = tiles[start : start + batch_size]
-                        collect(torch.stack([self._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
-            memory.add({k: torch.cat(v) for k, v in tokens.items()}, num_images=len(items), coreset=coreset, seed=seed)
+                        collect(torch.stack([self._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]), [index] * len(chunk))
+            memory.add_units(
+                {k: torch.cat(v) for k, v in tokens.items()},
+                groups=torch.tensor(groups),
+                zero_shot_scores=torch.cat([o.scores for o in zero_shot]),
+                zero_shot_maps=torch.cat([o.anomaly_maps for o in zero_shot]),
+                sigma=self.config.sigma,
+                coreset=coreset,
+                seed=seed,
+            )
+            if memory.fusion == "standardized" and memory.fusion_statistics() is None:
+                logger.warning(
+                    "The standardized fusion needs leave-one-out statistics of at least two reference images; "
+                    "with %d, the plain sum is used until more are added (docs/fewshot.md).",
+                    memory.num_images,
+                )
         self._references = memory
         self._drop_thresholds("the references changed")
         logger.info("References: %r", memory)
@@ -1112,7 +1144,7 @@ class AnomalyCLIP(nn.Module):
                         reference.append(out.reference_scores.float())
                 score = torch.cat(zero_shot).max()
                 if reference:
-                    score = fuse_scores(score, torch.cat(reference).max())
+                    score = fuse_scores(score, torch.cat(reference).max(), cast(ReferenceMemory, memory).fusion_statistics())
                 results.append(
                     AnomalyResult(
                         score=float(score),

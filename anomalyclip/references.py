@@ -4,19 +4,13 @@ patches to it (numerics and the memory container; :class:`~anomalyclip.AnomalyCL
 Notation: B batch, N = 1 + G*G tokens (class token first), D embedding dim, K memory rows
 (reference patches of one output layer), L output layers, S processing size.
 
-The fusion (see ``docs/fewshot.md``), per output layer ``l`` and test patch ``p``:
-
-- ``d_l(p) = 1 - max_k cos(t_l(p), m_l(k))``: the nearest-neighbour cosine distance of the test
-  patch token to the memory of layer ``l`` (APRIL-GAN / VAND 2023 few-shot; WinCLIP+'s
-  "visual association score" is ``d / 2``). The tokens are the SAME patch tokens as the zero-shot
-  map (``ln_post`` + ``proj`` of the output layer, class token dropped), L2-normalized.
-- reference map ``R = sum_l upsample(d_l)``: each ``G x G`` distance grid bilinearly upsampled to
-  ``S x S`` (align_corners=False), summed over layers, exactly as the zero-shot layer maps are.
-- fused map ``= blur(zero-shot raw map + R)`` with the model's Gaussian blur (APRIL-GAN adds the
-  two maps; the blur is AnomalyCLIP's, applied once to the sum).
-- reference score ``= max_p (1/L) sum_l d_l(p) / 2`` (in [0, 1]) and fused image score
-  ``= (zero-shot score + reference score) / 2`` (WinCLIP+'s image score, with its visual
-  association score averaged over the output layers).
+The distance, per output layer ``l`` and test patch ``p``:
+``d_l(p) = 1 - max_k cos(t_l(p), m_l(k))``, the nearest-neighbour cosine distance of the test
+patch token to the memory of layer ``l`` (APRIL-GAN / VAND 2023 few-shot; WinCLIP+'s "visual
+association score" is ``d / 2``). The tokens are the SAME patch tokens as the zero-shot map
+(``ln_post`` + ``proj`` of the output layer, class token dropped), L2-normalized. How the
+distances become the reference map and score, and how those are fused with the zero-shot
+output (the ``"sum"`` and ``"standardized"`` rules), is :mod:`anomalyclip.reference_fusion`.
 
 The nearest-neighbour search runs in blocks of at most ``chunk_elements`` similarities (never a
 full patch-by-memory matrix), on the memory's device, in float32 whatever the storage dtype.
@@ -35,9 +29,23 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, InvalidInputError
+from .scoring import gaussian_blur
+from .reference_fusion import (
+    FUSIONS,
+    FusionStatistics,
+    ReferenceFusion,
+    fuse_references,
+    fuse_scores,
+    reference_map,
+    reference_score,
+)
 
 __all__ = [
     "REFERENCES_NAME",
+    "DEFAULT_FUSION",
+    "FUSIONS",
+    "FusionStatistics",
+    "leave_one_out_distances",
     "DEFAULT_CHUNK_ELEMENTS",
     "normalize_patch_tokens",
     "nearest_neighbor_distance",
@@ -60,7 +68,10 @@ REFERENCES_NAME = "references.safetensors"
 #: Default budget of one similarity block of the nearest-neighbour search (elements; 64 MiB float32).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 _FORMAT = "anomalyclip-references"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the fusion rule and its statistics
+#: The fusion of a new memory (chosen by measurement, docs/fewshot.md).
+DEFAULT_FUSION = "standardized"
+_STATISTICS_KEY = "fusion_statistics"
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -163,63 +174,55 @@ def reference_distances(
     return out
 
 
-def reference_map(distances: dict[int, torch.Tensor], image_size: int) -> torch.Tensor:
-    """The raw reference map ``[B, S, S]``: each layer's ``G x G`` distances upsampled bilinearly
-    (align_corners=False, as the zero-shot layer maps) and summed over layers (values in [0, 2L])."""
-    total: torch.Tensor | None = None
-    for dist in distances.values():
-        b, n = dist.shape
-        grid = int(round(math.sqrt(n)))
-        up = F.interpolate(dist.reshape(b, 1, grid, grid), size=(image_size, image_size), mode="bilinear", align_corners=False)
-        total = up[:, 0] if total is None else total + up[:, 0]
-    if total is None:
-        raise InvalidInputError("reference_map: no output layer given.")
-    return total
-
-
-def reference_score(distances: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``[B]`` in [0, 1]: the largest, over patches, layer-averaged visual association score
-    ``mean_l d_l / 2`` (WinCLIP+)."""
-    stacked = torch.stack(list(distances.values()))  # [L, B, G*G]
-    return (stacked.mean(dim=0) / 2.0).amax(dim=-1)
-
-
-def fuse_scores(zero_shot_scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
-    """The fused image score ``(zero-shot + reference) / 2`` (WinCLIP+), ``[B]`` in [0, 1]."""
-    return (zero_shot_scores.float() + reference_scores.float()) / 2.0
-
-
-class ReferenceFusion(NamedTuple):
-    """The fused outputs of :func:`fuse_references` (all float32)."""
-
-    scores: torch.Tensor  #: ``[B]`` fused image scores in [0, 1]
-    raw_maps: torch.Tensor  #: ``[B, S, S]`` zero-shot raw map + reference map, before the blur
-    reference_raw_maps: torch.Tensor  #: ``[B, S, S]`` the reference map alone, before the blur
-    reference_scores: torch.Tensor  #: ``[B]`` reference scores in [0, 1]
-
-
-def fuse_references(
-    zero_shot_scores: torch.Tensor, zero_shot_raw_maps: torch.Tensor, distances: dict[int, torch.Tensor]
-) -> ReferenceFusion:
-    """Fuse the zero-shot outputs with the reference distances (the module docstring's fusion).
+def leave_one_out_distances(
+    queries: torch.Tensor,
+    groups: torch.Tensor,
+    rows: torch.Tensor,
+    row_groups: torch.Tensor,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each reference unit's nearest-neighbour distances to the memory WITHOUT the rows of its
+    own image (leave-one-out), as a normal test image would see the memory.
 
     Args:
-        zero_shot_scores: ``[B]`` zero-shot image scores.
-        zero_shot_raw_maps: ``[B, S, S]`` zero-shot layer-sum maps, before the blur.
-        distances: layer -> ``[B, G*G]`` nearest-neighbour distances (:func:`reference_distances`).
+        queries: ``[U, P, D]`` L2-normalized patch tokens of U units (images or tiles).
+        groups: ``[U]`` int, the image each unit comes from (tiles of one image share it).
+        rows: ``[K, D]`` the memory (L2-normalized; any storage dtype).
+        row_groups: ``[K]`` int, non-decreasing: the image of each row (-1: an image that is
+            none of the units', e.g. added by an earlier call).
 
     Returns:
-        :class:`ReferenceFusion`; the caller blurs ``raw_maps`` (and ``reference_raw_maps`` if it
-        reports them) with the model's Gaussian blur, as the zero-shot map is blurred.
+        ``(distances [V, P] float32, kept [V] int64)``: the distances of the ``V <= U`` units
+        whose image is not alone in the memory, and their indices into ``U``.
     """
-    reference_raw = reference_map(distances, zero_shot_raw_maps.shape[-1])
-    reference_scores = reference_score(distances)
-    return ReferenceFusion(
-        scores=fuse_scores(zero_shot_scores, reference_scores),
-        raw_maps=zero_shot_raw_maps + reference_raw,
-        reference_raw_maps=reference_raw,
-        reference_scores=reference_scores,
-    )
+    if queries.ndim != 3 or groups.shape != (queries.shape[0],) or row_groups.shape != (rows.shape[0],):
+        raise InvalidInputError(
+            f"leave_one_out_distances: expected queries [U, P, D], groups [U], rows [K, D], row_groups [K]; got "
+            f"{list(queries.shape)}, {list(groups.shape)}, {list(rows.shape)}, {list(row_groups.shape)}."
+        )
+    row_groups = row_groups.to(rows.device)
+    out: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+    for group in torch.unique(groups.cpu()).tolist():
+        units = torch.nonzero(groups.cpu() == group).flatten()
+        key = torch.tensor([group], dtype=row_groups.dtype, device=rows.device)
+        start = int(torch.searchsorted(row_groups, key, right=False))
+        end = int(torch.searchsorted(row_groups, key, right=True))
+        others = [part for part in (rows[:start], rows[end:]) if part.shape[0]]
+        if not others:
+            continue  # the only image in the memory: nothing to leave in
+        q = queries[units.to(queries.device)]
+        flat = q.reshape(-1, q.shape[-1])
+        best = torch.stack([nearest_neighbor_distance(flat, part, chunk_elements=chunk_elements) for part in others]).amin(dim=0)
+        out.append(best.reshape(q.shape[0], q.shape[1]))
+        kept.append(units)
+    if not out:
+        return queries.new_zeros((0, queries.shape[1]), dtype=torch.float32), torch.zeros(0, dtype=torch.long)
+    order = torch.cat(kept)
+    distances = torch.cat(out)
+    sort = torch.argsort(order)
+    return distances[sort.to(distances.device)], order[sort]
 
 
 def greedy_coreset(
@@ -292,6 +295,10 @@ class ReferenceMemory:
         dpam_layers, dpam_mode: the DPAM settings of the model that computed them (None:
             unknown, in files written before they were recorded; then not checked).
         chunk_elements: budget of one similarity block of the search.
+        fusion: ``"sum"`` or ``"standardized"`` (:mod:`anomalyclip.reference_fusion`); files
+            written before it was recorded load as ``"sum"``.
+        statistics: the :class:`FusionStatistics` of the references (computed by
+            :meth:`add_units`), or None when rows were added without them (:meth:`add`).
     """
 
     def __init__(
@@ -306,7 +313,12 @@ class ReferenceMemory:
         dpam_layers: int | None = None,
         dpam_mode: str | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        fusion: str = DEFAULT_FUSION,
     ) -> None:
+        if fusion not in FUSIONS:
+            raise InvalidInputError(f"fusion must be one of {list(FUSIONS)}, got {fusion!r}.")
+        self.fusion = fusion
+        self.statistics: FusionStatistics | None = FusionStatistics()
         self.image_size = int(image_size)
         self.feature_layers = _layers(feature_layers)
         self.backbone = str(backbone)
@@ -337,26 +349,119 @@ class ReferenceMemory:
             coreset: keep only this fraction (0, 1] of the new patches, chosen per layer by
                 :func:`greedy_coreset` on the tokens' device (None: keep all).
             seed: seed of the coreset.
+
+        Rows added this way carry no fusion statistics (:attr:`statistics` becomes None: the
+        ``"standardized"`` fusion then falls back to the sum); :meth:`add_units` computes them.
         """
+        self._append(tokens, num_images=num_images, coreset=coreset, seed=seed)
+        self.statistics = None
+
+    def _append(
+        self, tokens: dict[int, torch.Tensor], *, num_images: int, coreset: float | None, seed: int
+    ) -> dict[int, torch.Tensor]:
+        """:meth:`add`'s work; returns layer -> ``[k]`` indices of the kept new rows (sorted)."""
         missing = [layer for layer in self.feature_layers if layer not in tokens]
         if missing:
             raise InvalidInputError(f"ReferenceMemory.add: no patch tokens for layer(s) {missing}.")
         if coreset is not None and not (isinstance(coreset, (int, float)) and 0.0 < coreset <= 1.0):
             raise InvalidInputError(f"coreset must be a fraction in (0, 1], got {coreset!r}.")
-        new = {}
+        new, kept = {}, {}
         for layer in self.feature_layers:
             rows = tokens[layer]
             if rows.ndim != 2 or rows.shape[0] == 0:
                 raise InvalidInputError(f"ReferenceMemory.add: layer {layer} needs [K, D] tokens, got {list(rows.shape)}.")
+            index = torch.arange(rows.shape[0])
             if coreset is not None:
                 keep = max(1, int(math.ceil(coreset * rows.shape[0])))
                 if keep < rows.shape[0]:
-                    rows = rows[greedy_coreset(rows, keep, seed=seed).to(rows.device)]
+                    index = greedy_coreset(rows, keep, seed=seed).sort().values  # row order: the images' order
+                    rows = rows[index.to(rows.device)]
             new[layer] = rows.to(self.storage_dtype)
+            kept[layer] = index
         for layer, rows in new.items():
             old = self.memories.get(layer)
             self.memories[layer] = rows if old is None else torch.cat([old, rows.to(old.device)])
         self.num_images += int(num_images)
+        return kept
+
+    def add_units(
+        self,
+        tokens: dict[int, torch.Tensor],
+        *,
+        groups: torch.Tensor,
+        zero_shot_scores: torch.Tensor,
+        zero_shot_maps: torch.Tensor,
+        sigma: float,
+        coreset: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Append reference units (images, or tiles of images) and update :attr:`statistics`.
+
+        The units' zero-shot scores and maps enter the zero-shot statistics as given. Their
+        reference part is measured leave-one-out (:func:`leave_one_out_distances`): each unit's
+        patches against the memory as it stands after this call (earlier calls' rows and the
+        kept rows of this call's other images), upsampled, summed over layers and blurred as in
+        ``forward``. The statistics of earlier calls are merged in unchanged (pooled moments):
+        their distances were measured against the smaller memory of their call, so adding all
+        references in one call gives the exact leave-one-out statistics of the final memory.
+        With a coreset the memory holds only the kept rows, and so does the leave-one-out search.
+
+        Args:
+            tokens: layer -> ``[U, P, D]`` L2-normalized patch tokens of the U units.
+            groups: ``[U]`` int, the image of each unit, 0-based within this call; the number of
+                images added is ``groups.max() + 1``.
+            zero_shot_scores: ``[U]`` the units' zero-shot scores.
+            zero_shot_maps: ``[U, S, S]`` the units' zero-shot maps (blurred, as ``forward``'s).
+            sigma: the model's blur, for the reference maps.
+            coreset, seed: as in :meth:`add`.
+        """
+        first = next(iter(tokens.values())) if tokens else None
+        if first is None or first.ndim != 3 or groups.ndim != 1 or groups.shape[0] != first.shape[0] or groups.numel() == 0:
+            raise InvalidInputError("ReferenceMemory.add_units: expected tokens [U, P, D] per layer and groups [U].")
+        groups = groups.to(torch.long).cpu()
+        order = torch.argsort(groups, stable=True)  # rows of one image contiguous, as the search needs
+        groups = groups[order]
+        units = {layer: t[order.to(t.device)] for layer, t in tokens.items()}
+        patches = first.shape[1]
+        old_rows = len(self)
+        kept = self._append(
+            {layer: t.reshape(-1, t.shape[-1]) for layer, t in units.items()},
+            num_images=int(groups.max()) + 1,
+            coreset=coreset,
+            seed=seed,
+        )
+        distances, measured = {}, torch.zeros(0, dtype=torch.long)
+        for layer in self.feature_layers:
+            row_groups = torch.cat([torch.full((old_rows,), -1, dtype=torch.long), groups.repeat_interleave(patches)[kept[layer]]])
+            distances[layer], measured = leave_one_out_distances(
+                units[layer], groups, self.memories[layer], row_groups, chunk_elements=self.chunk_elements
+            )
+        if measured.numel():
+            reference_maps = gaussian_blur(reference_map(distances, zero_shot_maps.shape[-1]), sigma)
+            reference_scores = reference_score(distances)
+        else:
+            reference_maps = reference_scores = torch.zeros(0)
+        update = FusionStatistics.of(
+            zero_shot_scores=zero_shot_scores,
+            zero_shot_maps=zero_shot_maps,
+            reference_scores=reference_scores,
+            reference_maps=reference_maps,
+        )
+        if self.statistics is not None:
+            self.statistics = self.statistics.merge(update)
+
+    def fusion_statistics(self) -> FusionStatistics | None:
+        """What :func:`~anomalyclip.reference_fusion.fuse_references` takes: the statistics for
+        the ``"standardized"`` fusion when they are usable, else None (the plain sum: the
+        ``"sum"`` fusion, or too few references for leave-one-out statistics)."""
+        if self.fusion == "standardized" and self.statistics is not None and self.statistics.usable:
+            return self.statistics
+        return None
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """The range of the fused maps: ``(0, 1)`` when standardized, else ``(0, 3 L)``."""
+        return (0.0, 1.0) if self.fusion_statistics() is not None else (0.0, 3.0 * len(self.feature_layers))
 
     # -------------------------------------------------------------- use
     def __len__(self) -> int:
@@ -448,6 +553,7 @@ class ReferenceMemory:
             "tile_overlap": json.dumps(self.tile_overlap),
             "dpam_layers": json.dumps(self.dpam_layers),
             "dpam_mode": json.dumps(self.dpam_mode),
+            "fusion": self.fusion,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -459,6 +565,8 @@ class ReferenceMemory:
         if not self.memories:
             raise InvalidInputError("The reference memory is empty; nothing to save.")
         tensors = {f"layer_{layer}": t.detach().cpu().contiguous() for layer, t in self.memories.items()}
+        if self.statistics is not None:
+            tensors[_STATISTICS_KEY] = self.statistics.to_tensor()
         path = Path(path)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=self.metadata())
@@ -494,8 +602,11 @@ class ReferenceMemory:
                 tile_overlap=json.loads(meta.get("tile_overlap", "null")),
                 dpam_layers=json.loads(meta.get("dpam_layers", "null")),
                 dpam_mode=json.loads(meta.get("dpam_mode", "null")),
+                fusion=meta.get("fusion", "sum"),  # files before format 2: the plain sum
             )
             memory.num_images = int(meta["num_images"])
+            statistics = tensors.pop(_STATISTICS_KEY, None)
+            memory.statistics = None if statistics is None else FusionStatistics.from_tensor(statistics)
         except (KeyError, ValueError, TypeError, InvalidInputError) as exc:
             raise CheckpointError(f"{source}: invalid references metadata ({exc}).") from exc
         expected = {f"layer_{layer}" for layer in memory.feature_layers}
@@ -518,7 +629,9 @@ class ReferenceMemory:
         return (
             f"ReferenceMemory({self.num_images} images, {len(self)} patches per layer, layers "
             f"{list(self.feature_layers)}, S={self.image_size}, {str(self.storage_dtype).replace('torch.', '')}, "
-            f"{self.nbytes() / 2**20:.1f} MiB)"
+            f"{self.nbytes() / 2**20:.1f} MiB, fusion {self.fusion!r}"
+            + ("" if self.fusion == "sum" or self.fusion_statistics() is not None else " (too few references: the sum)")
+            + ")"
         )
 
 

@@ -902,14 +902,15 @@ class AnomalyCLIP(nn.Module):
             if fusion is not None and fusion != memory.fusion:
                 raise InvalidInputError(f"The memory fuses with {memory.fusion!r}; call model.clear_references() to change the fusion.")
         tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.config.feature_layers}
-        zero_shot: list[AnomalyOutput] = []  # the units' zero-shot outputs, for the fusion statistics
+        zero_shot: list[tuple[torch.Tensor, torch.Tensor]] = []  # units' (scores, maps), for the fusion statistics
         groups: list[int] = []
 
         def collect(pixel_values: torch.Tensor, group: Sequence[int]) -> None:
-            zero_shot.append(self._zero_shot_forward(pixel_values))
+            out = self._zero_shot_forward(pixel_values)
+            zero_shot.append((out.scores, out.anomaly_maps))
             groups.extend(group)
             for layer in self.config.feature_layers:
-                tokens[layer].append(normalize_patch_tokens(zero_shot[-1].patch_features[layer]))
+                tokens[layer].append(normalize_patch_tokens(out.patch_features[layer]))
 
         from tqdm.auto import tqdm
 
@@ -928,8 +929,8 @@ class AnomalyCLIP(nn.Module):
             memory.add_units(
                 {k: torch.cat(v) for k, v in tokens.items()},
                 groups=torch.tensor(groups),
-                zero_shot_scores=torch.cat([o.scores for o in zero_shot]),
-                zero_shot_maps=torch.cat([o.anomaly_maps for o in zero_shot]),
+                zero_shot_scores=torch.cat([scores for scores, _ in zero_shot]),
+                zero_shot_maps=torch.cat([maps for _, maps in zero_shot]),
                 sigma=self.config.sigma,
                 coreset=coreset,
                 seed=seed,

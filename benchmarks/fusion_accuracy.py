@@ -12,7 +12,7 @@ class scored), it reports per class and shot count the image / pixel AUROC of:
 - ``sum``: the fused output with ``fusion="sum"`` (APRIL-GAN / WinCLIP+);
 - ``standardized``: the fused output with ``fusion="standardized"``;
 
-averaged over the draw seeds. It also scores the golden fixtures (image A, with its mask,
+averaged over the draw seeds (rows are printed as they finish, then the whole table). It also scores the golden fixtures (image A, with its mask,
 against image B and B turned by 90 degrees as the references, at the default S = 518, layer 24).
 Accuracy, not time: the machine's load does not matter.
 
@@ -29,6 +29,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -72,11 +73,11 @@ def aurocs(outputs: dict, labels: np.ndarray, masks: np.ndarray) -> dict[str, di
     return result
 
 
-def synthetic(model: AnomalyCLIP, root: Path, shots: list[int], seeds: list[int]) -> dict:
+def synthetic(model: AnomalyCLIP, root: Path, shots: list[int], seeds: list[int]) -> Iterator[tuple[str, dict]]:
+    """Yields ``(row name, rule -> {"image", "pixel"} AUROC averaged over the seeds)`` per class and K."""
     dataset = load_dataset(root, "mvtec")
     pool = load_reference_pool(root, "mvtec")
     size = model.config.image_size
-    table: dict = {}
     for name in dataset.classes:
         samples = list(dataset.subset(name))
         images = [str(s.image_path) for s in samples]
@@ -87,10 +88,9 @@ def synthetic(model: AnomalyCLIP, root: Path, shots: list[int], seeds: list[int]
             for seed in seeds:
                 drawn = [str(s.image_path) for s in draw_shots(pool, name, k, seed=seed)]
                 runs.append(aurocs(part_outputs(model, drawn, images), labels, masks))
-            table[f"{name} {k}-shot"] = {
+            yield f"{name} {k}-shot", {
                 rule: {m: float(np.mean([r[rule][m] for r in runs])) for m in ("image", "pixel")} for rule in RULES
             }
-    return table
 
 
 def golden_references() -> list[np.ndarray]:
@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                 Path(tmp) / f"set{data_seed}", layout="mvtec", classes=("texture_a", "texture_b"),
                 n_normal=4, n_anomalous=4, n_train=6, seed=data_seed,
             )  # fmt: skip
-            for row, values in synthetic(model, root, args.shots, args.seeds).items():
+            for row, values in synthetic(model, root, args.shots, args.seeds):
                 table[f"synthetic seed {data_seed}: {row}"] = values
+                print(markdown({f"synthetic seed {data_seed}: {row}": values}).splitlines()[-1], flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(table, indent=2))
     table.update(golden(clip))
     print(markdown(table))
     if args.json:

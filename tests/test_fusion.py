@@ -20,6 +20,7 @@ from anomalyclip.data.synthetic import make_synthetic_arrays, make_synthetic_dat
 from anomalyclip.preprocessing import mask_array
 from anomalyclip.reference_fusion import FusionStatistics, Moments, squash, unsquash
 from anomalyclip.references import REFERENCES_NAME, ReferenceMemory, leave_one_out_distances
+from anomalyclip.tiling import tile_grid
 
 from .conftest import IMAGE_A, OFFICIAL_PTH, TINY_CLIP_REF
 
@@ -223,7 +224,15 @@ def test_tiled_references_leave_their_whole_image_out(model):
     stats = model.references.statistics
     assert stats.zero_shot_score.count == 12 and stats.reference_score.count == 12
     assert model.references.fusion_statistics() is not None
-    assert 0 < model.predict(image[0], tile_size=150).score < 1
+    # A tiled predict fuses the largest tile score of each part with the same statistics.
+    test = make_synthetic_arrays(1, 0, (200, 300), 9)[0][0]
+    crops = [test[t.top : t.top + t.height, t.left : t.left + t.width] for t in tile_grid(200, 300, 150, 0.25).tiles]
+    with torch.inference_mode():
+        out = model(model.preprocess(crops))
+    z = (float(out.zero_shot_scores.max()) - stats.zero_shot_score.mean) / stats.zero_shot_score.std
+    z += (float(out.reference_scores.max()) - stats.reference_score.mean) / stats.reference_score.std
+    expected = float(_explicit_squash(np.array(z / 2)))
+    assert model.predict(test, tile_size=150).score == pytest.approx(expected, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- persistence

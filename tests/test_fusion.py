@@ -279,21 +279,23 @@ def textures(tmp_path_factory):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_standardized_fusion_keeps_good_references(model, textures, seed):
     """The issue's case: a weak zero-shot map (the tiny random CLIP) and good references. The
-    standardized map beats the plain sum and stays near the better part (measured: sum 0.88 -
-    0.93, standardized and reference-only both above 0.99 on these classes)."""
+    standardized map is at least as good as the plain sum (``zero_shot_maps + reference_maps``:
+    the blur is linear) and stays near the better part. Measured (S = 112, 3 shots, draws 0 and 1): standardized 0.988 -
+    0.993, reference part 0.990 - 0.993, sum 0.75 - 0.90, zero-shot 0.06 - 0.32."""
     dataset, pool = load_dataset(textures, "mvtec"), load_reference_pool(textures, "mvtec")
     for name in dataset.classes:
         samples = list(dataset.subset(name))
         masks = np.stack([mask_array(s.mask_path, SIZE) if s.mask_path else np.zeros((SIZE, SIZE)) for s in samples]) > 0.5
-        drawn = [s.image_path for s in draw_shots(pool, name, 3, seed=seed)]
-        maps = {}
-        for fusion in ("sum", "standardized"):
-            model.clear_references()
-            model.add_references(drawn, fusion=fusion)
-            with torch.inference_mode():
-                out = model(model.preprocess([s.image_path for s in samples]))
-            maps[fusion] = out.anomaly_maps.numpy()
-            maps["zero-shot"], maps["reference"] = out.zero_shot_maps.numpy(), out.reference_maps.numpy()
-        auroc = {k: roc_auc_score(masks.ravel(), v.ravel()) for k, v in maps.items()}
+        model.clear_references()
+        model.add_references([s.image_path for s in draw_shots(pool, name, 3, seed=seed)], fusion="standardized")
+        with torch.inference_mode():
+            out = model(model.preprocess([s.image_path for s in samples]))
+        maps = {
+            "standardized": out.anomaly_maps,
+            "sum": out.zero_shot_maps + out.reference_maps,
+            "zero-shot": out.zero_shot_maps,
+            "reference": out.reference_maps,
+        }
+        auroc = {k: roc_auc_score(masks.ravel(), v.numpy().ravel()) for k, v in maps.items()}
         assert auroc["standardized"] >= auroc["sum"], auroc
         assert auroc["standardized"] >= max(auroc["zero-shot"], auroc["reference"]) - 0.05, auroc

@@ -1,25 +1,18 @@
 """Few-shot normal references: a memory of normal patch features and the distance of test
-patches to it (numerics and the memory container; :class:`~anomalyclip.AnomalyCLIP` wires it in).
+patches to it (the memory container; :class:`~anomalyclip.AnomalyCLIP` wires it in). The
+numerics live in :mod:`anomalyclip.reference_search` (the search, the coreset) and
+:mod:`anomalyclip.reference_fusion` (the fusion); they are re-exported here.
 
 Notation: B batch, N = 1 + G*G tokens (class token first), D embedding dim, K memory rows
 (reference patches of one output layer), L output layers, S processing size.
 
-The fusion (see ``docs/fewshot.md``), per output layer ``l`` and test patch ``p``:
-
-- ``d_l(p) = 1 - max_k cos(t_l(p), m_l(k))``: the nearest-neighbour cosine distance of the test
-  patch token to the memory of layer ``l`` (APRIL-GAN / VAND 2023 few-shot; WinCLIP+'s
-  "visual association score" is ``d / 2``). The tokens are the SAME patch tokens as the zero-shot
-  map (``ln_post`` + ``proj`` of the output layer, class token dropped), L2-normalized.
-- reference map ``R = sum_l upsample(d_l)``: each ``G x G`` distance grid bilinearly upsampled to
-  ``S x S`` (align_corners=False), summed over layers, exactly as the zero-shot layer maps are.
-- fused map ``= blur(zero-shot raw map + R)`` with the model's Gaussian blur (APRIL-GAN adds the
-  two maps; the blur is AnomalyCLIP's, applied once to the sum).
-- reference score ``= max_p (1/L) sum_l d_l(p) / 2`` (in [0, 1]) and fused image score
-  ``= (zero-shot score + reference score) / 2`` (WinCLIP+'s image score, with its visual
-  association score averaged over the output layers).
-
-The nearest-neighbour search runs in blocks of at most ``chunk_elements`` similarities (never a
-full patch-by-memory matrix), on the memory's device, in float32 whatever the storage dtype.
+The distance, per output layer ``l`` and test patch ``p``:
+``d_l(p) = 1 - max_k cos(t_l(p), m_l(k))``, the nearest-neighbour cosine distance of the test
+patch token to the memory of layer ``l`` (APRIL-GAN / VAND 2023 few-shot; WinCLIP+'s "visual
+association score" is ``d / 2``). The tokens are the SAME patch tokens as the zero-shot map
+(``ln_post`` + ``proj`` of the output layer, class token dropped), L2-normalized. How the
+distances become the reference map and score, and how those are fused with the zero-shot
+output (the ``"sum"`` and ``"standardized"`` rules), is :mod:`anomalyclip.reference_fusion`.
 """
 
 from __future__ import annotations
@@ -30,15 +23,39 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import CheckpointError, InvalidInputError, with_fix
+from .reference_fusion import (
+    FUSIONS,
+    FusionStatistics,
+    Moments,
+    ReferenceFusion,
+    fuse_references,
+    fuse_scores,
+    reference_map,
+    reference_score,
+)
+from .reference_search import (
+    DEFAULT_CHUNK_ELEMENTS,
+    _block_rows,  # re-exported for the tests of the search blocks
+    greedy_coreset,
+    leave_one_out_distances,
+    nearest_neighbor_distance,
+    nearest_neighbor_distance_blocks,
+    normalize_patch_tokens,
+    reference_distances,
+)
+from .scoring import gaussian_blur
 
 __all__ = [
     "REFERENCES_NAME",
+    "DEFAULT_FUSION",
+    "FUSIONS",
+    "FusionStatistics",
+    "leave_one_out_distances",
     "DEFAULT_CHUNK_ELEMENTS",
     "normalize_patch_tokens",
     "nearest_neighbor_distance",
@@ -58,10 +75,11 @@ logger = logging.getLogger(__name__)
 
 #: File name of the references beside ``config.json`` in a ``save_pretrained`` directory.
 REFERENCES_NAME = "references.safetensors"
-#: Default budget of one similarity block of the nearest-neighbour search (elements; 64 MiB float32).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
 _FORMAT = "anomalyclip-references"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the fusion rule and its statistics
+#: The fusion of a new memory (chosen by measurement, docs/fewshot.md).
+DEFAULT_FUSION = "standardized"
+_STATISTICS_KEY = "fusion_statistics"
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: The command-line flag of each setting :meth:`ReferenceMemory.mismatches` compares.
 _CLI_FLAGS = {
@@ -70,209 +88,6 @@ _CLI_FLAGS = {
     "dpam_layers": "--dpam-layers",
     "dpam_mode": "--dpam-mode",
 }
-
-
-# ----------------------------------------------------------------------------- numerics
-
-
-def normalize_patch_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, N, D]`` projected tokens (class token first) -> ``[B, N - 1, D]`` float32, L2-normalized."""
-    return F.normalize(tokens[:, 1:].float(), dim=-1)
-
-
-def _block_rows(queries: int, memory: int, chunk_elements: int) -> tuple[int, int]:
-    """Rows of queries and of memory per block so that ``q_rows * m_rows <= chunk_elements``."""
-    m_rows = min(memory, max(1, chunk_elements // min(queries, chunk_elements)))
-    q_rows = min(queries, max(1, chunk_elements // m_rows))
-    return q_rows, m_rows
-
-
-def nearest_neighbor_distance(
-    queries: torch.Tensor, memory: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-) -> torch.Tensor:
-    """Cosine distance of each query to its nearest memory row: ``1 - max_k <q, m_k>``.
-
-    Args:
-        queries: ``[Q, D]`` L2-normalized (any float dtype).
-        memory: ``[K, D]`` L2-normalized, float32 or float16, on the device where the search runs
-            (``queries`` are moved there). The products run in float32, except for a float16
-            memory on CUDA, where they run in float16 on the tensor cores (float32 accumulation;
-            similarities rounded to float16, about 5e-4 near 1).
-        chunk_elements: the largest similarity block computed at once (``q_rows * m_rows``);
-            memory is read block by block, each block once per call.
-
-    Returns:
-        ``[Q]`` float32 distances in [0, 2] on ``memory``'s device.
-    """
-    if queries.ndim != 2 or memory.ndim != 2 or queries.shape[1] != memory.shape[1]:
-        raise InvalidInputError(
-            f"nearest_neighbor_distance: expected queries [Q, D] and memory [K, D] with the same D, got "
-            f"{list(queries.shape)} and {list(memory.shape)}."
-        )
-    if memory.shape[0] == 0:
-        raise InvalidInputError("nearest_neighbor_distance: the memory is empty; add references first.")
-    if chunk_elements < 1:
-        raise InvalidInputError(f"chunk_elements must be >= 1, got {chunk_elements}.")
-    compute = torch.float16 if memory.dtype == torch.float16 and memory.device.type == "cuda" else torch.float32
-    queries = queries.to(device=memory.device, dtype=compute)
-    n_q, n_m = queries.shape[0], memory.shape[0]
-    q_rows, m_rows = _block_rows(n_q, n_m, chunk_elements)
-    best = torch.full((n_q,), -math.inf, dtype=torch.float32, device=memory.device)
-    for m_start in range(0, n_m, m_rows):
-        block = memory[m_start : m_start + m_rows].to(compute).T  # [D, m]
-        for q_start in range(0, n_q, q_rows):
-            sim = queries[q_start : q_start + q_rows] @ block  # [q, m] <= chunk_elements
-            part = best[q_start : q_start + q_rows]
-            torch.maximum(part, sim.amax(dim=1).float(), out=part)
-    return (1.0 - best).clamp_(min=0.0)
-
-
-def nearest_neighbor_distance_blocks(queries: torch.Tensor, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """:func:`nearest_neighbor_distance` for a graph export: the same ``1 - max_k <q, m_k>``,
-    with no in-place update and no shape-dependent control flow, for any leading query shape.
-
-    Args:
-        queries: ``[..., D]`` L2-normalized (e.g. ``[B, G*G, D]``; computed in float32).
-        blocks: the memory as float32 ``[D, m]`` blocks (transposed rows; see
-            :meth:`ReferenceMemory.blocks`), each read once. A block's similarities take
-            ``Q * m`` elements, so the block size bounds the search's memory.
-
-    Returns:
-        ``[...]`` float32 distances in [0, 2].
-    """
-    if not blocks:
-        raise InvalidInputError("nearest_neighbor_distance_blocks: the memory is empty; add references first.")
-    queries = queries.float()
-    best: torch.Tensor | None = None
-    for block in blocks:
-        similarity = (queries @ block).amax(dim=-1)
-        best = similarity if best is None else torch.maximum(best, similarity)
-    return (1.0 - best).clamp(min=0.0)
-
-
-def reference_distances(
-    patch_features: dict[int, torch.Tensor],
-    memories: dict[int, torch.Tensor],
-    *,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> dict[int, torch.Tensor]:
-    """Per output layer, the nearest-neighbour distance of every test patch: ``[B, G*G]`` float32.
-
-    Args:
-        patch_features: layer -> ``[B, N, D]`` projected tokens, class token first (not normalized).
-        memories: layer -> ``[K, D]`` L2-normalized reference patch tokens of that layer.
-    """
-    out = {}
-    for layer, tokens in patch_features.items():
-        queries = normalize_patch_tokens(tokens)  # [B, G*G, D]
-        b, n, d = queries.shape
-        dist = nearest_neighbor_distance(queries.reshape(b * n, d), memories[layer], chunk_elements=chunk_elements)
-        out[layer] = dist.reshape(b, n).to(tokens.device)
-    return out
-
-
-def reference_map(distances: dict[int, torch.Tensor], image_size: int) -> torch.Tensor:
-    """The raw reference map ``[B, S, S]``: each layer's ``G x G`` distances upsampled bilinearly
-    (align_corners=False, as the zero-shot layer maps) and summed over layers (values in [0, 2L])."""
-    total: torch.Tensor | None = None
-    for dist in distances.values():
-        b, n = dist.shape
-        grid = int(round(math.sqrt(n)))
-        up = F.interpolate(dist.reshape(b, 1, grid, grid), size=(image_size, image_size), mode="bilinear", align_corners=False)
-        total = up[:, 0] if total is None else total + up[:, 0]
-    if total is None:
-        raise InvalidInputError("reference_map: no output layer given.")
-    return total
-
-
-def reference_score(distances: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``[B]`` in [0, 1]: the largest, over patches, layer-averaged visual association score
-    ``mean_l d_l / 2`` (WinCLIP+)."""
-    stacked = torch.stack(list(distances.values()))  # [L, B, G*G]
-    return (stacked.mean(dim=0) / 2.0).amax(dim=-1)
-
-
-def fuse_scores(zero_shot_scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
-    """The fused image score ``(zero-shot + reference) / 2`` (WinCLIP+), ``[B]`` in [0, 1]."""
-    return (zero_shot_scores.float() + reference_scores.float()) / 2.0
-
-
-class ReferenceFusion(NamedTuple):
-    """The fused outputs of :func:`fuse_references` (all float32)."""
-
-    scores: torch.Tensor  #: ``[B]`` fused image scores in [0, 1]
-    raw_maps: torch.Tensor  #: ``[B, S, S]`` zero-shot raw map + reference map, before the blur
-    reference_raw_maps: torch.Tensor  #: ``[B, S, S]`` the reference map alone, before the blur
-    reference_scores: torch.Tensor  #: ``[B]`` reference scores in [0, 1]
-
-
-def fuse_references(
-    zero_shot_scores: torch.Tensor, zero_shot_raw_maps: torch.Tensor, distances: dict[int, torch.Tensor]
-) -> ReferenceFusion:
-    """Fuse the zero-shot outputs with the reference distances (the module docstring's fusion).
-
-    Args:
-        zero_shot_scores: ``[B]`` zero-shot image scores.
-        zero_shot_raw_maps: ``[B, S, S]`` zero-shot layer-sum maps, before the blur.
-        distances: layer -> ``[B, G*G]`` nearest-neighbour distances (:func:`reference_distances`).
-
-    Returns:
-        :class:`ReferenceFusion`; the caller blurs ``raw_maps`` (and ``reference_raw_maps`` if it
-        reports them) with the model's Gaussian blur, as the zero-shot map is blurred.
-    """
-    reference_raw = reference_map(distances, zero_shot_raw_maps.shape[-1])
-    reference_scores = reference_score(distances)
-    return ReferenceFusion(
-        scores=fuse_scores(zero_shot_scores, reference_scores),
-        raw_maps=zero_shot_raw_maps + reference_raw,
-        reference_raw_maps=reference_raw,
-        reference_scores=reference_scores,
-    )
-
-
-def greedy_coreset(
-    features: torch.Tensor,
-    n_select: int,
-    *,
-    projection_dim: int | None = 128,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Indices of a k-center greedy coreset of ``features`` (PatchCore, Roth et al. 2022, Sec. 3.2).
-
-    Starting from one random row, repeatedly add the row farthest (Euclidean) from everything
-    selected so far. As in PatchCore, distances are computed on a Johnson-Lindenstrauss random
-    projection of the features to ``projection_dim`` dimensions (``None``: no projection).
-    For L2-normalized features the Euclidean distance is ``sqrt(2 - 2 cos)``.
-
-    Args:
-        features: ``[N, D]`` (any float dtype; projected in float32 on its device).
-        n_select: rows to keep, ``1 <= n_select <= N``.
-        projection_dim: dimensions of the random projection.
-        seed: seed of the projection and of the first row.
-
-    Returns:
-        ``[n_select]`` int64 indices (on the CPU), in selection order.
-    """
-    n = features.shape[0]
-    if not 1 <= n_select <= n:
-        raise InvalidInputError(f"greedy_coreset: n_select must be in 1..{n}, got {n_select}.")
-    generator = torch.Generator().manual_seed(seed)
-    x = features.float()
-    if projection_dim is not None and projection_dim < x.shape[1]:
-        proj = torch.randn(x.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
-        x = x @ proj.to(x.device)
-    first = int(torch.randint(n, (1,), generator=generator))
-    selected = torch.empty(n_select, dtype=torch.long)
-    selected[0] = first
-    norms = (x * x).sum(dim=1)  # [N]
-    # squared distance to the nearest selected row: |x|^2 - 2 x.c + |c|^2
-    min_dist = (norms - 2.0 * (x @ x[first]) + norms[first]).clamp_(min=0.0)
-    for i in range(1, n_select):
-        index = int(torch.argmax(min_dist))
-        selected[i] = index
-        dist = (norms - 2.0 * (x @ x[index]) + norms[index]).clamp_(min=0.0)
-        torch.minimum(min_dist, dist, out=min_dist)
-    return selected
 
 
 # ----------------------------------------------------------------------------- the memory
@@ -304,6 +119,10 @@ class ReferenceMemory:
             checked, with a warning); a model with another backbone refuses the memory
             (:meth:`check_backbone`).
         chunk_elements: budget of one similarity block of the search.
+        fusion: ``"sum"`` or ``"standardized"`` (:mod:`anomalyclip.reference_fusion`); files
+            written before it was recorded load as ``"sum"``.
+        statistics: the :class:`FusionStatistics` of the references (computed by
+            :meth:`add_units`), or None when rows were added without them (:meth:`add`).
     """
 
     def __init__(
@@ -319,7 +138,13 @@ class ReferenceMemory:
         dpam_mode: str | None = None,
         backbone_fingerprint: str | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        fusion: str = DEFAULT_FUSION,
     ) -> None:
+        if fusion not in FUSIONS:
+            raise InvalidInputError(f"fusion must be one of {list(FUSIONS)}, got {fusion!r}.")
+        self.fusion = fusion
+        self.statistics: FusionStatistics | None = FusionStatistics()
+        self._pending: dict[int, torch.Tensor] | None = None  # a lone first image's units, to measure later
         self.image_size = int(image_size)
         self.feature_layers = _layers(feature_layers)
         self.backbone = str(backbone)
@@ -352,26 +177,133 @@ class ReferenceMemory:
             coreset: keep only this fraction (0, 1] of the new patches, chosen per layer by
                 :func:`greedy_coreset` on the tokens' device (None: keep all).
             seed: seed of the coreset.
+
+        Rows added this way carry no fusion statistics (:attr:`statistics` becomes None: the
+        ``"standardized"`` fusion then falls back to the sum); :meth:`add_units` computes them.
         """
+        self._append(tokens, num_images=num_images, coreset=coreset, seed=seed)
+        self.statistics = None
+
+    def _append(
+        self, tokens: dict[int, torch.Tensor], *, num_images: int, coreset: float | None, seed: int
+    ) -> dict[int, torch.Tensor]:
+        """:meth:`add`'s work; returns layer -> ``[k]`` indices of the kept new rows (sorted)."""
         missing = [layer for layer in self.feature_layers if layer not in tokens]
         if missing:
             raise InvalidInputError(f"ReferenceMemory.add: no patch tokens for layer(s) {missing}.")
         if coreset is not None and not (isinstance(coreset, (int, float)) and 0.0 < coreset <= 1.0):
             raise InvalidInputError(f"coreset must be a fraction in (0, 1], got {coreset!r}.")
-        new = {}
+        new, kept = {}, {}
         for layer in self.feature_layers:
             rows = tokens[layer]
             if rows.ndim != 2 or rows.shape[0] == 0:
                 raise InvalidInputError(f"ReferenceMemory.add: layer {layer} needs [K, D] tokens, got {list(rows.shape)}.")
+            index = torch.arange(rows.shape[0])
             if coreset is not None:
                 keep = max(1, int(math.ceil(coreset * rows.shape[0])))
                 if keep < rows.shape[0]:
-                    rows = rows[greedy_coreset(rows, keep, seed=seed).to(rows.device)]
+                    index = greedy_coreset(rows, keep, seed=seed).sort().values  # row order: the images' order
+                    rows = rows[index.to(rows.device)]
             new[layer] = rows.to(self.storage_dtype)
+            kept[layer] = index
         for layer, rows in new.items():
             old = self.memories.get(layer)
             self.memories[layer] = rows if old is None else torch.cat([old, rows.to(old.device)])
         self.num_images += int(num_images)
+        return kept
+
+    def add_units(
+        self,
+        tokens: dict[int, torch.Tensor],
+        *,
+        groups: torch.Tensor,
+        zero_shot_scores: torch.Tensor,
+        zero_shot_maps: torch.Tensor,
+        sigma: float,
+        coreset: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Append reference units (images, or tiles of images) and update :attr:`statistics`.
+
+        The units' zero-shot scores and maps enter the zero-shot statistics as given. Their
+        reference part is measured leave-one-out (:func:`leave_one_out_distances`): each unit's
+        patches against the memory as it stands after this call (earlier calls' rows and the
+        kept rows of this call's other images), upsampled, summed over layers and blurred as in
+        ``forward``. The statistics of earlier calls are merged in unchanged (pooled moments):
+        their distances were measured against the smaller memory of their call, so adding all
+        references in one call gives the exact leave-one-out statistics of the final memory.
+        The one exception: a first call with a single image has no other image to measure it
+        against; its units are kept (in memory, not saved) and measured against the next call's
+        rows. With a coreset the memory holds only the kept rows, and so does the search.
+
+        Args:
+            tokens: layer -> ``[U, P, D]`` L2-normalized patch tokens of the U units.
+            groups: ``[U]`` int, the image of each unit, 0-based within this call; the number of
+                images added is ``groups.max() + 1``.
+            zero_shot_scores: ``[U]`` the units' zero-shot scores.
+            zero_shot_maps: ``[U, S, S]`` the units' zero-shot maps (blurred, as ``forward``'s).
+            sigma: the model's blur, for the reference maps.
+            coreset, seed: as in :meth:`add`.
+        """
+        first = next(iter(tokens.values())) if tokens else None
+        if first is None or first.ndim != 3 or groups.ndim != 1 or groups.shape[0] != first.shape[0] or groups.numel() == 0:
+            raise InvalidInputError("ReferenceMemory.add_units: expected tokens [U, P, D] per layer and groups [U].")
+        groups = groups.to(torch.long).cpu()
+        order = torch.argsort(groups, stable=True)  # rows of one image contiguous, as the search needs
+        groups = groups[order]
+        units = {layer: t[order.to(t.device)] for layer, t in tokens.items()}
+        patches = first.shape[1]
+        old_rows = len(self)
+        kept = self._append(
+            {layer: t.reshape(-1, t.shape[-1]) for layer, t in units.items()},
+            num_images=int(groups.max()) + 1,
+            coreset=coreset,
+            seed=seed,
+        )
+        distances, measured = {}, torch.zeros(0, dtype=torch.long)
+        for layer in self.feature_layers:
+            row_groups = torch.cat([torch.full((old_rows,), -1, dtype=torch.long), groups.repeat_interleave(patches)[kept[layer]]])
+            distances[layer], measured = leave_one_out_distances(
+                units[layer], groups, self.memories[layer], row_groups, chunk_elements=self.chunk_elements
+            )
+        size = zero_shot_maps.shape[-1]
+        update = FusionStatistics.of(
+            zero_shot_scores=zero_shot_scores,
+            zero_shot_maps=zero_shot_maps,
+            reference_scores=reference_score(distances) if measured.numel() else torch.zeros(0),
+            reference_maps=gaussian_blur(reference_map(distances, size), sigma) if measured.numel() else torch.zeros(0),
+        )
+        if self._pending is not None and old_rows:  # the lone first image, against this call's rows
+            lone = {}
+            for layer, pending in self._pending.items():
+                new_rows = self.memories[layer].shape[0] - old_rows
+                row_groups = torch.cat([torch.zeros(old_rows, dtype=torch.long), torch.ones(new_rows, dtype=torch.long)])
+                lone[layer], _ = leave_one_out_distances(
+                    pending, torch.zeros(pending.shape[0], dtype=torch.long), self.memories[layer], row_groups,
+                    chunk_elements=self.chunk_elements,
+                )  # fmt: skip
+            update = update.merge(
+                FusionStatistics(
+                    reference_map=Moments.of(gaussian_blur(reference_map(lone, size), sigma)),
+                    reference_score=Moments.of(reference_score(lone)),
+                )
+            )
+        self._pending = units if old_rows == 0 and not measured.numel() else None
+        if self.statistics is not None:
+            self.statistics = self.statistics.merge(update)
+
+    def fusion_statistics(self) -> FusionStatistics | None:
+        """What :func:`~anomalyclip.reference_fusion.fuse_references` takes: the statistics for
+        the ``"standardized"`` fusion when they are usable, else None (the plain sum: the
+        ``"sum"`` fusion, or too few references for leave-one-out statistics)."""
+        if self.fusion == "standardized" and self.statistics is not None and self.statistics.usable:
+            return self.statistics
+        return None
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """The range of the fused maps: ``(0, 1)`` when standardized, else ``(0, 3 L)``."""
+        return (0.0, 1.0) if self.fusion_statistics() is not None else (0.0, 3.0 * len(self.feature_layers))
 
     # -------------------------------------------------------------- use
     def __len__(self) -> int:
@@ -483,17 +415,23 @@ class ReferenceMemory:
             )
 
     def fingerprint(self) -> str:
-        """A content hash of the memory: ``sha256`` over :meth:`metadata` (sorted JSON) and every
-        layer's tensor bytes (in layer order, as stored); the first 16 hex digits.
+        """A content hash of the memory: ``sha256`` over :meth:`metadata` (sorted JSON, with the
+        fusion rule), every layer's tensor bytes (in layer order, as stored) and the fusion
+        statistics' bytes; the first 16 hex digits.
 
-        Equal memories (same tokens, settings and backbone) give equal fingerprints, whatever
-        device they are on; adding a reference changes it. It reads every byte (about 1 GB/s).
+        Equal memories (same tokens, settings, fusion and backbone) give equal fingerprints,
+        whatever device they are on; adding a reference or changing the fusion changes it. It
+        reads every byte (about 1 GB/s).
         """
         digest = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True).encode())
         for layer in sorted(self.memories):
             tensor = self.memories[layer].detach().cpu().contiguous()
             digest.update(f"layer_{layer}:{tuple(tensor.shape)}:".encode())
             digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if self.statistics is not None:
+            stats = self.statistics.to_tensor().detach().to("cpu", torch.float64).contiguous()
+            digest.update(f"{_STATISTICS_KEY}:{tuple(stats.shape)}:".encode())
+            digest.update(stats.numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def distances(self, patch_features: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -516,6 +454,7 @@ class ReferenceMemory:
             "dpam_layers": json.dumps(self.dpam_layers),
             "dpam_mode": json.dumps(self.dpam_mode),
             "backbone_fingerprint": json.dumps(self.backbone_fingerprint),
+            "fusion": self.fusion,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -527,6 +466,8 @@ class ReferenceMemory:
         if not self.memories:
             raise InvalidInputError("The reference memory is empty; nothing to save.")
         tensors = {f"layer_{layer}": t.detach().cpu().contiguous() for layer, t in self.memories.items()}
+        if self.statistics is not None:
+            tensors[_STATISTICS_KEY] = self.statistics.to_tensor()
         path = Path(path)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=self.metadata())
@@ -563,8 +504,11 @@ class ReferenceMemory:
                 dpam_layers=json.loads(meta.get("dpam_layers", "null")),
                 dpam_mode=json.loads(meta.get("dpam_mode", "null")),
                 backbone_fingerprint=json.loads(meta.get("backbone_fingerprint", "null")),
+                fusion=meta.get("fusion", "sum"),  # files before format 2: the plain sum
             )
             memory.num_images = int(meta["num_images"])
+            statistics = tensors.pop(_STATISTICS_KEY, None)
+            memory.statistics = None if statistics is None else FusionStatistics.from_tensor(statistics)
         except (KeyError, ValueError, TypeError, InvalidInputError) as exc:
             raise CheckpointError(f"{source}: invalid references metadata ({exc}).") from exc
         expected = {f"layer_{layer}" for layer in memory.feature_layers}
@@ -587,7 +531,9 @@ class ReferenceMemory:
         return (
             f"ReferenceMemory({self.num_images} images, {len(self)} patches per layer, layers "
             f"{list(self.feature_layers)}, S={self.image_size}, {str(self.storage_dtype).replace('torch.', '')}, "
-            f"{self.nbytes() / 2**20:.1f} MiB)"
+            f"{self.nbytes() / 2**20:.1f} MiB, fusion {self.fusion!r}"
+            + ("" if self.fusion == "sum" or self.fusion_statistics() is not None else " (too few references: the sum)")
+            + ")"
         )
 
 

@@ -90,9 +90,10 @@ def test_fusion_on_the_official_golden_tokens(fresh_model, golden):
 
 
 def test_fusion_over_four_layers_matches_explicit_loops(model):
+    """The plain-sum fusion (the standardized one: tests/test_fusion.py)."""
     refs = _textures(2, seed=1)
     tests = [*_textures(1, seed=2), np.asarray(Image.open(IMAGE_A).convert("RGB"))]
-    model.add_references(refs)
+    model.add_references(refs, fusion="sum")
     pixel_values = model.preprocess(tests)
     with torch.inference_mode():
         out = model(pixel_values)
@@ -249,7 +250,7 @@ def test_calibrate_uses_the_fused_outputs(model):
         out = model(model.preprocess(normals))
     assert fused.image == pytest.approx(float(np.quantile(out.scores.numpy(), 0.9)), abs=1e-6)
     assert fused.pixel == pytest.approx(float(np.quantile(out.anomaly_maps.numpy(), 0.9)), abs=1e-5)
-    assert fused.pixel > zero_shot.pixel  # the reference map adds to the zero-shot scale
+    assert zero_shot.pixel > 1.0 and 0.0 < fused.pixel < 1.0 == model.map_range[1]  # the standardized map's scale
 
 
 def test_reference_errors(model, tmp_path):
@@ -303,7 +304,7 @@ def test_references_round_trip_through_save_pretrained(model, tmp_path):
     out = model.save_pretrained(tmp_path / "profile")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", REFERENCES_NAME]
     tensors = load_file(str(out / REFERENCES_NAME))
-    assert sorted(tensors) == [f"layer_{layer}" for layer in sorted(MULTI, key=str)]
+    assert sorted(tensors) == ["fusion_statistics"] + [f"layer_{layer}" for layer in sorted(MULTI, key=str)]
     assert tensors["layer_24"].shape == (2 * GRID**2, 32) and tensors["layer_24"].dtype == torch.float16
     loaded = AnomalyCLIP.from_pretrained(out, device="cpu")
     assert loaded.num_references == 2 and loaded.references.feature_layers == MULTI

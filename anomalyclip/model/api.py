@@ -37,6 +37,7 @@ class ImageAPI:
         tile_overlap: float = 0.25,
         coreset: float | None = None,
         storage_dtype: str | torch.dtype | None = None,
+        fusion: str | None = None,
         seed: int = 0,
         progress: bool = False,
     ) -> int:
@@ -60,6 +61,8 @@ class ImageAPI:
                 PatchCore's greedy k-center coreset (for many references, e.g. 0.1 for 100+).
             storage_dtype: ``"float32"`` (default) or ``"float16"`` (half the memory; distances
                 change by about 1e-3). Fixed by the first call.
+            fusion: ``"standardized"`` (default) or ``"sum"``, how the reference part is fused
+                with the zero-shot output (``docs/fewshot.md``). Fixed by the first call.
             seed: seed of the coreset.
             progress: show a tqdm progress bar.
 
@@ -74,6 +77,7 @@ class ImageAPI:
             tile_overlap=tile_overlap,
             coreset=coreset,
             storage_dtype=storage_dtype,
+            fusion=fusion,
             seed=seed,
             progress=progress,
         )

@@ -7,13 +7,13 @@ live in :mod:`anomalyclip.references`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import InvalidInputError
 from ..predictor.stream import expand_inputs
-from ..references import ReferenceMemory, normalize_patch_tokens, resolve_storage_dtype
+from ..references import DEFAULT_FUSION, ReferenceMemory, normalize_patch_tokens, resolve_storage_dtype
 from ..tiling import crop_prepared, tile_grid
 
 __all__ = ["add_references"]
@@ -31,6 +31,7 @@ def add_references(
     coreset: float | None,
     storage_dtype: Any,
     seed: int,
+    fusion: str | None = None,
     progress: bool,
 ) -> int:
     """``model.add_references`` (documented there): returns the number of reference images."""
@@ -54,6 +55,7 @@ def add_references(
             dpam_layers=config.dpam_layers,
             dpam_mode=config.dpam_mode,
             backbone_fingerprint=model.backbone_fingerprint(),
+            fusion=fusion if fusion is not None else DEFAULT_FUSION,
         )
     else:
         memory.check_compatible(**model._reference_settings())
@@ -66,28 +68,51 @@ def add_references(
             raise InvalidInputError(
                 f"The memory stores {memory.storage_dtype}; call model.clear_references() to change the storage dtype."
             )
+        if fusion is not None and fusion != memory.fusion:
+            raise InvalidInputError(f"The memory fuses with {memory.fusion!r}; call model.clear_references() to change the fusion.")
     tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in config.feature_layers}
+    zero_shot: list[tuple[torch.Tensor, torch.Tensor]] = []  # units' (scores, maps), for the fusion statistics
+    groups: list[int] = []  # the image index of each unit (image or tile)
 
-    def collect(pixel_values: torch.Tensor) -> None:
-        features = model.encode_image(pixel_values.to(device=model.device, dtype=model.dtype))
+    def collect(pixel_values: torch.Tensor, group: Sequence[int]) -> None:
+        out = model._zero_shot_forward(pixel_values)
+        zero_shot.append((out.scores, out.anomaly_maps))
+        groups.extend(group)
         for layer in config.feature_layers:
-            t = normalize_patch_tokens(features.patch_features[layer])
-            tokens[layer].append(t.reshape(-1, t.shape[-1]))
+            tokens[layer].append(normalize_patch_tokens(out.patch_features[layer]))
 
     from tqdm.auto import tqdm
 
     with torch.inference_mode():
         if tile_size is None:
             for start in tqdm(range(0, len(items), batch_size), desc="references", unit="batch", disable=not progress):
-                collect(model.preprocess(items[start : start + batch_size]))
+                chunk_items = items[start : start + batch_size]
+                collect(model.preprocess(chunk_items), range(start, start + len(chunk_items)))
         else:
-            for item in tqdm(items, desc="references", unit="img", disable=not progress):
+            for index, item in enumerate(tqdm(items, desc="references", unit="img", disable=not progress)):
                 prepared = model._prepare(item)
                 tiles = tile_grid(*prepared.size, tile_size, tile_overlap).tiles
                 for start in range(0, len(tiles), batch_size):
                     chunk = tiles[start : start + batch_size]
-                    collect(torch.stack([model._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]))
-        memory.add({k: torch.cat(v) for k, v in tokens.items()}, num_images=len(items), coreset=coreset, seed=seed)
+                    collect(
+                        torch.stack([model._preprocess_prepared(crop_prepared(prepared, t)) for t in chunk]),
+                        [index] * len(chunk),
+                    )
+        memory.add_units(
+            {k: torch.cat(v) for k, v in tokens.items()},
+            groups=torch.tensor(groups),
+            zero_shot_scores=torch.cat([scores for scores, _ in zero_shot]),
+            zero_shot_maps=torch.cat([maps for _, maps in zero_shot]),
+            sigma=config.sigma,
+            coreset=coreset,
+            seed=seed,
+        )
+        if memory.fusion == "standardized" and memory.fusion_statistics() is None:
+            logger.warning(
+                "The standardized fusion needs leave-one-out statistics of at least two reference images; "
+                "with %d, the plain sum is used until more are added (docs/fewshot.md).",
+                memory.num_images,
+            )
     model._set_references(memory)
     logger.info("References: %r", memory)
     return memory.num_images

@@ -26,7 +26,7 @@ from ..preprocessing import ImageInput, PreparedImage, check_image_size, prepare
 from ..prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from ..references import ReferenceMemory, fuse_references
 from ..runtime import is_out_of_memory, out_of_memory_error
-from ..scoring import anomaly_maps, gaussian_blur, image_scores
+from ..scoring import anomaly_maps, image_scores
 from ..vision import encode_image
 from .factory import build_from_backbone, build_from_clip, build_from_official_checkpoint, check_config_matches_clip
 from ..predictor.thresholds import resolve_thresholds
@@ -294,16 +294,19 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
     @property
     def map_range(self) -> tuple[float, float]:
         """``(0.0, n)``: the range of anomaly-map values for ``n = len(config.feature_layers)``;
-        ``(0.0, 3 n)`` with few-shot references.
+        with few-shot references ``(0.0, 1.0)`` (the ``"standardized"`` fusion) or ``(0.0, 3 n)``
+        (the ``"sum"`` fusion).
 
         A zero-shot map is the official sum over the output layers of each layer's anomalous
         probability, so its values lie in [0, 1] with the default single layer and in [0, 4] with
-        ``(6, 12, 18, 24)``. With references, each layer adds its nearest-neighbour cosine
-        distance, in [0, 2] (``docs/fewshot.md``). Use it as an overlay's colour range
-        (``save_overlay(..., vmin=lo, vmax=hi)``) and to read a pixel threshold.
+        ``(6, 12, 18, 24)``. The ``"sum"`` fusion adds each layer's nearest-neighbour cosine
+        distance, in [0, 2]; the ``"standardized"`` one maps the mean standardized part into
+        (0, 1), 0.5 at the normal references' mean (``docs/fewshot.md``). Use it as an overlay's
+        colour range (``save_overlay(..., vmin=lo, vmax=hi)``) and to read a pixel threshold.
         """
-        n = float(len(self.config.feature_layers))
-        return (0.0, 3.0 * n if self._references is not None else n)
+        if self._references is not None:
+            return self._references.map_range
+        return (0.0, float(len(self.config.feature_layers)))
 
     @property
     def thresholds(self) -> Thresholds | None:
@@ -442,6 +445,13 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
             ResourceError: the batch does not fit in the device's memory (the message says how
                 to make it fit).
         """
+        out = self._zero_shot_forward(pixel_values)
+        if self._references is not None:
+            out = self._fuse_references(out, pixel_values.shape[-1])
+        return out
+
+    def _zero_shot_forward(self, pixel_values: torch.Tensor) -> AnomalyOutput:
+        """:meth:`forward` without the references."""
         self._check_pixel_values(pixel_values)
         if self.device.type == "cuda" and pixel_values.device != self.device:
             pixel_values = pixel_values.to(self.device, non_blocking=True)
@@ -465,8 +475,6 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
             zero_shot_scores=scores,
             zero_shot_maps=final,
         )
-        if self._references is not None:
-            out = self._fuse_references(out, pixel_values.shape[-1])
         return out
 
     def _fuse_references(self, out: AnomalyOutput, image_size: int) -> AnomalyOutput:
@@ -476,16 +484,16 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
         if memory.device != self.device:
             memory.to(self.device)
         distances = memory.distances(out.patch_features)  # layer -> [B, G*G]
-        fused = fuse_references(out.scores, out.raw_anomaly_maps, distances)
-        blurred = gaussian_blur(torch.cat([fused.raw_maps, fused.reference_raw_maps]), self.config.sigma)
-        b = fused.raw_maps.shape[0]
+        fused = fuse_references(
+            out.scores, out.raw_anomaly_maps, distances, sigma=self.config.sigma, statistics=memory.fusion_statistics()
+        )
         return dataclasses.replace(
             out,
             scores=fused.scores,
-            anomaly_maps=blurred[:b],
+            anomaly_maps=fused.maps,
             raw_anomaly_maps=fused.raw_maps,
             reference_scores=fused.reference_scores,
-            reference_maps=blurred[b:],
+            reference_maps=fused.reference_maps,
         )
 
     # ------------------------------------------------------------------ few-shot references

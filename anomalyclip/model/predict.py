@@ -8,7 +8,6 @@ over :class:`TorchBackend` (or :class:`TiledTorchBackend`); the thresholds are r
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import numbers
 from typing import Any, Iterable, Iterator, cast
@@ -33,20 +32,19 @@ logger = logging.getLogger(__name__)
 
 
 def references_fingerprint(model: Any) -> str | None:
-    """A short hash of the model's reference memory (None when zero-shot), cached per memory state."""
+    """:meth:`ReferenceMemory.fingerprint <anomalyclip.references.ReferenceMemory.fingerprint>`
+    of the model's memory (None when zero-shot): its tokens, settings, fusion rule and fusion
+    statistics, so thresholds chosen with other references or another fusion do not apply.
+    Cached per memory state."""
     memory = model.references
     if memory is None:
         return None
-    key = (id(memory), memory.num_images, len(memory))
+    stats = memory.statistics
+    key = (id(memory), memory.num_images, len(memory), memory.fusion, None if stats is None else tuple(stats.to_tensor().tolist()))
     cached = getattr(model, "_fingerprint_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    digest = hashlib.sha256()
-    for layer in sorted(memory.memories):
-        tensor = memory.memories[layer].detach().to("cpu", torch.float32).contiguous()
-        digest.update(str(layer).encode())
-        digest.update(tensor.numpy().tobytes())
-    value = digest.hexdigest()[:16]
+    value = memory.fingerprint()
     model._fingerprint_cache = (key, value)
     return value
 
@@ -188,7 +186,7 @@ class TiledTorchBackend:
                     reference.append(out.reference_scores.float())
             score = torch.cat(zero_shot).max()
             if reference:
-                score = fuse_scores(score, torch.cat(reference).max())
+                score = fuse_scores(score, torch.cat(reference).max(), model.references.fusion_statistics())
         return float(score), stitcher.result().numpy().astype(np.float32, copy=False)
 
 

@@ -27,8 +27,8 @@ from torch import nn
 from .._version import __version__
 from ..errors import InvalidInputError, MissingDependencyError
 from ..files import give_default_mode
-from ..references import fuse_references, nearest_neighbor_distance_blocks, normalize_patch_tokens
-from ..scoring import anomaly_maps, gaussian_blur, image_scores
+from ..references import FusionStatistics, fuse_references, nearest_neighbor_distance_blocks, normalize_patch_tokens
+from ..scoring import anomaly_maps, image_scores
 from ..ops import get_cpu_low_precision_matmul, set_cpu_low_precision_matmul
 from ..vision import encode_image
 from .metadata import EXPORT_DTYPES, INPUT_NAME, OUTPUT_NAMES, REFERENCE_BUFFER_PREFIX, OnnxMetadata
@@ -59,7 +59,8 @@ class DeployedAnomalyCLIP(nn.Module):
     <anomalyclip.references.ReferenceMemory.blocks>`, buffers named
     ``reference_memory_<layer>_<block>``). The nearest-neighbour search reads them block by
     block (:func:`~anomalyclip.references.nearest_neighbor_distance_blocks`) and the fusion is
-    the torch model's (:func:`~anomalyclip.references.fuse_references`, then the blur).
+    the torch model's (:func:`~anomalyclip.reference_fusion.fuse_references`, with the blur),
+    its ``"standardized"`` statistics embedded as constants (Python floats in the trace).
 
     Args:
         visual: the CLIP vision tower (``clip.visual``), in the export dtype.
@@ -68,6 +69,8 @@ class DeployedAnomalyCLIP(nn.Module):
         feature_layers, dpam_layers, dpam_mode, temperature, sigma: as in :class:`~anomalyclip.AnomalyCLIPConfig`.
         reference_blocks: layer -> float32 ``[D, m]`` memory blocks, for every output layer,
             or None (zero-shot).
+        fusion_statistics: the memory's :meth:`ReferenceMemory.fusion_statistics
+            <anomalyclip.references.ReferenceMemory.fusion_statistics>` (None: the plain sum).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class DeployedAnomalyCLIP(nn.Module):
         temperature: float,
         sigma: float,
         reference_blocks: Mapping[int, Sequence[torch.Tensor]] | None = None,
+        fusion_statistics: FusionStatistics | None = None,
     ) -> None:
         super().__init__()
         self.visual = visual
@@ -92,6 +96,7 @@ class DeployedAnomalyCLIP(nn.Module):
         self.dpam_mode = dpam_mode
         self.temperature = float(temperature)
         self.sigma = float(sigma)
+        self.fusion_statistics = fusion_statistics
         self._reference_names: dict[int, list[str]] = {}
         if reference_blocks is not None:
             missing = [layer for layer in self.feature_layers if not reference_blocks.get(layer)]
@@ -135,8 +140,10 @@ class DeployedAnomalyCLIP(nn.Module):
             )
             for layer, tokens in features.patch_features.items()
         }
-        fused = fuse_references(scores, raw, distances)
-        return fused.scores, gaussian_blur(fused.raw_maps, self.sigma)
+        fused = fuse_references(
+            scores, raw, distances, sigma=self.sigma, statistics=self.fusion_statistics, with_reference_maps=False
+        )
+        return fused.scores, fused.maps
 
 
 def _check_export_dependencies() -> None:
@@ -214,13 +221,14 @@ def _stored_thresholds(
     from ..predictor.thresholds import resolve_thresholds
 
     own = _model_thresholds(model, config)
-    n = float(len(config.feature_layers))
+    memory = getattr(model, "references", None)
+    map_range = (0.0, float(len(config.feature_layers))) if memory is None else memory.map_range
     return resolve_thresholds(
         own=own,
         thresholds=thresholds,
         image_threshold=image_threshold,
         pixel_threshold=pixel_threshold,
-        map_range=(0.0, 3.0 * n if getattr(model, "references", None) is not None else n),
+        map_range=map_range,
         mode=export_mode,
     )
 
@@ -341,6 +349,7 @@ def export_onnx(
         temperature=config.temperature,
         sigma=config.sigma,
         reference_blocks=None if memory is None else memory.blocks((config.image_size // patch) ** 2, device="cpu"),
+        fusion_statistics=None if memory is None else memory.fusion_statistics(),
     ).eval()
     # Batch 2: an example batch of 1 would let torch.export specialize the batch axis to 1.
     example = torch.zeros(2, 3, config.image_size, config.image_size)
@@ -371,6 +380,7 @@ def export_onnx(
         references=0 if memory is None else memory.num_images,
         decision_mode=export_mode.to_dict(),
         threshold_mode=None if image_threshold is None and pixel_threshold is None else export_mode.to_dict(),
+        fusion=None if memory is None else ("sum" if memory.fusion_statistics() is None else "standardized"),
         model={
             "backbone": config.backbone,
             "dpam_layers": config.dpam_layers,

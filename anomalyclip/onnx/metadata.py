@@ -51,7 +51,7 @@ class OnnxMetadata:
         image_size: processing size S; the graph takes ``[B, 3, S, S]`` and returns ``[B, S, S]`` maps.
         mean, std: per-channel normalization of ``[0, 1]`` RGB images.
         feature_layers: the output layers summed in the maps (maps range over ``[0, n]`` with
-            ``n = len(feature_layers)``, or ``[0, 3 n]`` with references; see :attr:`map_range`).
+            ``n = len(feature_layers)``; with references ``[0, 1]`` or ``[0, 3 n]``; see :attr:`map_range`).
         patch_size: the ViT patch size; images must be at least this large on each side.
         dtype: ``"float32"`` or ``"float16"`` weights and compute (inputs and outputs are float32).
         library_version: the anomalyclip version that wrote the file.
@@ -63,6 +63,9 @@ class OnnxMetadata:
             (a dict; None in files of anomalyclip 0.2).
         threshold_mode: the decision mode the stored thresholds were chosen in; the runtime
             applies them only in that mode, as ``AnomalyCLIP.predict`` does.
+        fusion: how (``"sum"`` or ``"standardized"``, as the model's references fused in the
+            graph); None without references, and in files written before it was recorded
+            (they fuse with the sum).
         model: provenance, for people (backbone reference, DPAM layers and mode, blur sigma,
             temperature); the runtime does not use it.
         format_version: :data:`FORMAT_VERSION` of the writer.
@@ -81,6 +84,7 @@ class OnnxMetadata:
     references: int = 0
     decision_mode: dict[str, Any] | None = None
     threshold_mode: dict[str, Any] | None = None
+    fusion: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -88,7 +92,9 @@ class OnnxMetadata:
     def map_range(self) -> tuple[float, float]:
         """The range of the anomaly maps, for a fixed overlay colour scale (as ``AnomalyCLIP.map_range``)."""
         n = float(len(self.feature_layers))
-        return (0.0, 3.0 * n if self.references else n)
+        if not self.references:
+            return (0.0, n)
+        return (0.0, 1.0) if self.fusion == "standardized" else (0.0, 3.0 * n)
 
     def to_props(self) -> dict[str, str]:
         """``metadata_props`` entries: ``anomalyclip.<field>`` -> JSON (None fields are left out)."""
@@ -157,5 +163,7 @@ class OnnxMetadata:
                 problems.append(f"{name} {value!r}")
         if not (isinstance(self.references, int) and self.references >= 0):
             problems.append(f"references {self.references!r}")
+        if self.fusion not in (None, "sum", "standardized"):
+            problems.append(f"fusion {self.fusion!r}")
         if problems:
             raise CheckpointError(f"'{source}': invalid anomalyclip metadata: {', '.join(problems)}. Re-export the model.")

@@ -2,7 +2,8 @@
 
 A threshold only means something for the outputs it was chosen on. :class:`DecisionMode` records
 everything that changes those outputs: the processing size, the output layers, the DPAM settings,
-the blur, the tiling, the few-shot references (a fingerprint of the memory) and the backbone.
+the blur, the tiling, the few-shot references (a fingerprint of the memory, its fusion included)
+and the backbone.
 :func:`resolve_thresholds` is used by ``AnomalyCLIP.predict``, ``OnnxAnomalyCLIP.predict`` and the
 Ray actor alike. Torch-free.
 """
@@ -35,7 +36,9 @@ class DecisionMode:
         dpam_layers, dpam_mode: DPAM settings.
         sigma: the map's blur.
         tile_size, tile_overlap: tiling of the images (None: untiled).
-        references: fingerprint of the few-shot reference memory (None: zero-shot).
+        references: :meth:`ReferenceMemory.fingerprint
+            <anomalyclip.references.ReferenceMemory.fingerprint>` of the few-shot memory (tokens,
+            settings, fusion rule and statistics; None: zero-shot).
         backbone: the backbone reference.
     """
 

@@ -461,10 +461,14 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview, optio
     try:
         with fp:
             return _decode(fp, label, opts)
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, lower than ours
+    except Image.DecompressionBombError as exc:
+        # Pillow's own check ran (it is lifted only when our limit is above it), so the image is
+        # above Pillow's limit and therefore above ours too.
         raise ImageLoadError(
-            f"Cannot read image '{label}': {exc} Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS) is below "
-            "max_image_pixels; raise or clear it, or lower max_image_pixels."
+            f"Image '{label}' is too large: {exc} The limit is max_image_pixels = {opts.max_image_pixels:,} "
+            "(a guard against decompression bombs). If the file is trusted, raise it: "
+            "ImageReadOptions(max_image_pixels=...) (CLI: --max-image-pixels N, 0 for none), and score an image "
+            "that large in tiles (tile_size / --tile-size)."
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, (ImageLoadError, InvalidInputError)):

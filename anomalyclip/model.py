@@ -38,6 +38,7 @@ from .official import convert_official_state_dict, load_official_state_dict
 from .outputs import AnomalyOutput, AnomalyResult
 from .presets import DEFAULT_PRESET, PRESETS, OfficialPreset, fetch_official_checkpoint, get_preset, git_blob_sha1
 from .prefetch import default_num_workers, prefetch_batches, stack_batch
+from .decoding import ImageReadOptions
 from .preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_image
 from .prompts import PROMPT_KEYS, PromptLearner, encode_prompts, tokenize_prompts
 from .files import atomic_path, atomic_write, cache_root, find_images
@@ -650,16 +651,19 @@ class AnomalyCLIP(nn.Module):
         return self
 
     # ------------------------------------------------------------------ tensor API
-    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Images -> normalized float32 ``[B, 3, S, S]`` on the CPU (official preprocessing)."""
+    def preprocess(
+        self, images: ImageInput | Sequence[ImageInput], *, read_options: ImageReadOptions | None = None
+    ) -> torch.Tensor:
+        """Images -> normalized float32 ``[B, 3, S, S]`` on the CPU (official preprocessing;
+        files read as ``read_options`` say, see :class:`~anomalyclip.ImageReadOptions`)."""
         items = list(images) if _is_image_list(images) else [images]
         if not items:
             raise InvalidInputError("Got an empty list of images; pass at least one image.")
-        prepared = [self._prepare(img) for img in items]
+        prepared = [self._prepare(img, read_options) for img in items]
         return torch.stack([self._preprocess_prepared(p) for p in prepared])
 
-    def _prepare(self, image: ImageInput) -> PreparedImage:
-        return check_image_size(prepare_image(image), self.patch_size)
+    def _prepare(self, image: ImageInput, read_options: ImageReadOptions | None = None) -> PreparedImage:
+        return check_image_size(prepare_image(image, read_options), self.patch_size)
 
     def _preprocess_prepared(self, prepared: PreparedImage) -> torch.Tensor:
         return preprocess_image(prepared, self.config.image_size, self.config.mean, self.config.std)
@@ -948,6 +952,7 @@ class AnomalyCLIP(nn.Module):
         num_workers: int | None = None,
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
+        read_options: ImageReadOptions | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
 
@@ -976,6 +981,9 @@ class AnomalyCLIP(nn.Module):
                 largest tile score (with references: the fused score of the largest zero-shot
                 and the largest reference tile scores). ``batch_size`` then counts tiles.
             tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1).
+            read_options: how files are read (EXIF orientation, 16-bit scaling, pixel limit):
+                an :class:`~anomalyclip.ImageReadOptions`; None: its defaults. Maps are at the
+                size of the image as read (after EXIF orientation).
 
         Returns:
             An :class:`AnomalyResult` for a single image, a list of them for a list. ``path`` is
@@ -994,10 +1002,11 @@ class AnomalyCLIP(nn.Module):
         workers = self._num_workers(num_workers)
         if tile_size is not None:
             return self._predict_tiled(
-                items, single, tile_size, tile_overlap, batch_size, image_threshold, pixel_threshold, progress
+                items, single, tile_size, tile_overlap, batch_size, image_threshold, pixel_threshold, progress, read_options
             )
         results: list[AnomalyResult] = []
-        batches = prefetch_batches(items, self._load_and_preprocess, batch_size, num_workers=workers)
+        load = functools.partial(self._load_and_preprocess, read_options=read_options)
+        batches = prefetch_batches(items, load, batch_size, num_workers=workers)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -1032,9 +1041,11 @@ class AnomalyCLIP(nn.Module):
             raise InvalidInputError(f"num_workers must be an int >= 0 or None, got {num_workers!r}.")
         return num_workers
 
-    def _load_and_preprocess(self, image: ImageInput) -> tuple[tuple[int, int], torch.Tensor]:
+    def _load_and_preprocess(
+        self, image: ImageInput, read_options: ImageReadOptions | None = None
+    ) -> tuple[tuple[int, int], torch.Tensor]:
         """(original (height, width), ``[3, S, S]`` float32): one image's work on a prefetch worker."""
-        prepared = self._prepare(image)
+        prepared = self._prepare(image, read_options)
         return prepared.size, self._preprocess_prepared(prepared)
 
     def _decision_thresholds(
@@ -1076,6 +1087,7 @@ class AnomalyCLIP(nn.Module):
         image_threshold: float | None,
         pixel_threshold: float | None,
         progress: bool,
+        read_options: ImageReadOptions | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """``predict`` with tiles: each tile through ``preprocess``/``forward``, maps blended."""
         from tqdm.auto import tqdm
@@ -1086,7 +1098,7 @@ class AnomalyCLIP(nn.Module):
         results: list[AnomalyResult] = []
         with torch.inference_mode():
             for item in tqdm(items, desc="AnomalyCLIP", unit="img", disable=not progress):
-                prepared = self._prepare(item)
+                prepared = self._prepare(item, read_options)
                 grid = tile_grid(*prepared.size, tile_size, tile_overlap)
                 if warn_scale and (len(grid) > 1 or memory.tile_size is not None):
                     logger.warning(
@@ -1131,6 +1143,7 @@ class AnomalyCLIP(nn.Module):
         quantile: float = 0.99,
         batch_size: int = 8,
         num_workers: int | None = None,
+        read_options: ImageReadOptions | None = None,
     ) -> Thresholds:
         """Image and pixel thresholds from images known to be normal, kept on the model.
 
@@ -1140,7 +1153,7 @@ class AnomalyCLIP(nn.Module):
         become :attr:`thresholds`: ``predict`` applies them from now on, and
         :meth:`save_pretrained` writes them to ``config.json``. For a labelled set use
         :meth:`anomalyclip.Thresholds.from_labelled` (F1-max) and assign ``model.thresholds``.
-        ``num_workers`` is as for :meth:`predict`.
+        ``num_workers`` and ``read_options`` are as for :meth:`predict`.
 
         Returns:
             the new :class:`~anomalyclip.Thresholds`.
@@ -1155,7 +1168,8 @@ class AnomalyCLIP(nn.Module):
         size = self.config.image_size
         scores = np.empty(len(items), dtype=np.float32)
         maps = np.empty((len(items), size, size), dtype=np.float32)
-        batches = prefetch_batches(items, self._load_and_preprocess, batch_size, num_workers=workers)
+        load = functools.partial(self._load_and_preprocess, read_options=read_options)
+        batches = prefetch_batches(items, load, batch_size, num_workers=workers)
         start = 0
         try:
             with torch.inference_mode():

@@ -92,8 +92,8 @@ def _write_parquet(path: Path, typed_rows: list[dict]) -> None:
 
 def predict_with_ray(args: argparse.Namespace) -> int:
     """Run ``anomalyclip predict --ray`` (``args`` from :func:`anomalyclip.cli.build_parser`)."""
-    from ..predict_io import model_options, write_scores
-    from .ray_predict import find_library_error, predict_dataset
+    from ..predict_io import model_options, read_options, write_scores
+    from .ray_predict import find_library_error, predict_dataset, split_work
     from .sources import list_images
 
     ray = require_ray()
@@ -103,6 +103,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     cpus = 1.0 if args.cpus_per_worker is None else args.cpus_per_worker
     gpus = 0.0 if args.gpus_per_worker is None else args.gpus_per_worker
+    reading = read_options(args)
     images = list_images(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,9 +112,23 @@ def predict_with_ray(args: argparse.Namespace) -> int:
     started = start_ray(ray, args.ray_address, quiet=args.quiet)
     try:
         n_batches = -(-len(images) // args.batch_size)
-        workers = min(args.workers, n_batches) if args.workers else default_workers(
-            ray, cpus_per_worker=cpus, gpus_per_worker=gpus, n_batches=n_batches
-        )
+        if args.workers:
+            call_rows, workers = split_work(len(images), args.batch_size, args.workers)
+            if workers < args.workers:
+                logger.info("Only %d images: %d Ray workers instead of %d", len(images), workers, args.workers)
+            elif call_rows < args.batch_size:
+                logger.info(
+                    "%d images fill %d batch(es) of %d: calls of %d images so that all %d workers get work",
+                    len(images), n_batches, args.batch_size, call_rows, workers,
+                )
+        else:
+            fit = default_workers(ray, cpus_per_worker=cpus, gpus_per_worker=gpus, n_batches=len(images))
+            workers = min(fit, n_batches)
+            if workers < fit:
+                logger.info(
+                    "%d images fill %d batch(es) of %d: %d Ray worker(s), one per batch (--workers N splits them further)",
+                    len(images), n_batches, args.batch_size, workers,
+                )
         logger.info("Scoring %d images on %d Ray workers", len(images), workers)
         ds = predict_dataset(
             images,
@@ -129,6 +144,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
             coreset=args.coreset,
             tile_size=args.tile_size,
             tile_overlap=args.tile_overlap,
+            read_options=reading,
             maps=None,
             overlay_dir=out,
             overlay_alpha=args.alpha,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,37 @@ from typing import Any
 from ..errors import AnomalyCLIPError, InvalidInputError
 from ._deps import require_pyarrow, require_ray
 
-__all__ = ["predict_with_ray", "start_ray", "default_workers"]
+__all__ = ["predict_with_ray", "start_ray", "default_workers", "quiet_ray_logs"]
 
 logger = logging.getLogger("anomalyclip.cli")
 
 
-def start_ray(ray: Any, address: str | None, *, quiet: bool = False) -> bool:
+class _DropRayNotices(logging.Filter):
+    """Drops Ray's start-up notices that say nothing about this run (``-v`` shows them)."""
+
+    NOTICES = ("Token authentication is enabled for this Ray cluster",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's own log lines out of a normal run's output (its INFO lines, start-up notices,
+    and the driver's C++ log, where Ray Data reports at error level that its actors' arguments
+    live in the object store); errors still reach the command as exceptions. Call before
+    ``ray.init``; ``-v`` skips it. ``RAY_BACKEND_LOG_LEVEL`` set by the user is kept."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropRayNotices) for f in notices.filters):
+        notices.addFilter(_DropRayNotices())
+
+
+def start_ray(ray: Any, address: str | None, *, quiet: bool = False, verbose: bool = False) -> bool:
     """Connect to ``address``, or start a local Ray on this machine's cores; reuse a running one.
 
-    Returns True when this call started (or connected) Ray and should shut it down.
+    Ray logs at WARNING (INFO with ``verbose``); the workers' log lines reach the driver unless
+    ``quiet``. Returns True when this call started (or connected) Ray and should shut it down.
     """
     if ray.is_initialized():
         if address is not None:
@@ -35,7 +58,7 @@ def start_ray(ray: Any, address: str | None, *, quiet: bool = False) -> bool:
         return False
     options: dict[str, Any] = dict(
         include_dashboard=False,
-        logging_level=logging.WARNING if quiet else logging.INFO,
+        logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=not quiet,  # the workers' own log lines (error rows are in scores.csv anyway)
     )
     if address is None:
@@ -107,9 +130,13 @@ def predict_with_ray(args: argparse.Namespace) -> int:
     images = list_images(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+    verbose = bool(getattr(args, "verbose", False))
+    if not verbose:
+        quiet_ray_logs()
+    # Ray Data's progress bars on a terminal; without one it would log a progress line every 10 s.
+    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet and (verbose or sys.stderr.isatty())
     started_at = time.perf_counter()
-    started = start_ray(ray, args.ray_address, quiet=args.quiet)
+    started = start_ray(ray, args.ray_address, quiet=args.quiet, verbose=verbose)
     try:
         n_batches = -(-len(images) // args.batch_size)
         if args.workers:

@@ -168,6 +168,7 @@ def predict_dataset(
 
     if isinstance(source, ray.data.Dataset):
         ds = source
+        call_rows = batch_size
     else:
         from ..predict_io import overlay_names
 
@@ -181,9 +182,6 @@ def predict_dataset(
         else:
             concurrency = (min(concurrency[0], actors), actors)
         ds = images_dataset(paths, batch_size=call_rows, overlay_names=overlay_names(paths) if overlay_dir else None)
-
-    else:
-        call_rows = batch_size
     options = dict(map_batches_options or {})
     if num_gpus:
         options["num_gpus"] = num_gpus

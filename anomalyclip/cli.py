@@ -308,7 +308,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
     from .model import AnomalyCLIP
+    from .train.checkpoints import check_output_dir
 
+    # Refuse an output folder of another run before minutes of loading the backbone.
+    check_output_dir(Path(args.out).expanduser(), Path(args.resume).expanduser() if args.resume else None)
     dataset = load_dataset(args.data, args.format, split=args.split)
     if args.model is not None:
         model = AnomalyCLIP.from_pretrained(
@@ -387,6 +390,7 @@ def _export(args: argparse.Namespace) -> int:
         thresholds=False if args.no_thresholds else None,  # None: the model's own
         image_threshold=args.threshold,
         pixel_threshold=args.pixel_threshold,
+        progress=not args.quiet,
     )
     out = Path(args.out)
     if args.quantize:

@@ -1196,6 +1196,7 @@ class AnomalyCLIP(nn.Module):
         thresholds: Thresholds | Literal[False] | None = None,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        progress: bool = True,
     ) -> Path:
         """Export the model for deployment as ONNX: one file, run by :class:`anomalyclip.onnx.OnnxAnomalyCLIP`
         with onnxruntime, numpy and Pillow (no torch).
@@ -1203,7 +1204,8 @@ class AnomalyCLIP(nn.Module):
         Input ``pixel_values [B, 3, S, S]`` (float32, dynamic batch), outputs ``scores [B]`` and
         ``anomaly_maps [B, S, S]`` (blurred, as :meth:`forward`). Few-shot references and the
         model's :attr:`thresholds` go into the file (``thresholds=False``: none; ``image_threshold``
-        / ``pixel_threshold`` replace one of them, as in :meth:`predict`). Every option is
+        / ``pixel_threshold`` replace one of them, as in :meth:`predict`; ``progress``: a tqdm bar
+        over the export's steps). Every option is
         documented at :func:`anomalyclip.onnx.export_onnx`. Returns the path written. Needs
         ``anomalyclip[onnx]``.
         """
@@ -1219,6 +1221,7 @@ class AnomalyCLIP(nn.Module):
             thresholds=thresholds,
             image_threshold=image_threshold,
             pixel_threshold=pixel_threshold,
+            progress=progress,
         )
 
     def finetune(self, data: Any, **options: Any):

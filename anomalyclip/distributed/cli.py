@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,22 +27,22 @@ logger = logging.getLogger("anomalyclip.cli")
 class _DropRayNotices(logging.Filter):
     """Drops Ray's start-up notices that say nothing about this run (``-v`` shows them)."""
 
-    NOTICES = ("Token authentication is enabled for this Ray cluster",)
+    NOTICES = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOTICES)
 
 
 def quiet_ray_logs() -> None:
-    """Keep Ray's own log lines out of a normal run's output (its INFO lines, start-up notices,
-    and the driver's C++ log, where Ray Data reports at error level that its actors' arguments
-    live in the object store); errors still reach the command as exceptions. Call before
-    ``ray.init``; ``-v`` skips it. ``RAY_BACKEND_LOG_LEVEL`` set by the user is kept."""
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    """Keep Ray's own log lines out of a normal run's output: Ray Data's INFO lines (its plan,
+    and a progress line every 10 s when the output is not a terminal) and start-up notices that
+    say nothing about the run. Ray Data's progress bars still show on a terminal, and warnings
+    and errors still show. Call before ``ray.init``; ``-v`` skips it."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropRayNotices) for f in notices.filters):
-        notices.addFilter(_DropRayNotices())
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        notices = logging.getLogger(name)
+        if not any(isinstance(f, _DropRayNotices) for f in notices.filters):
+            notices.addFilter(_DropRayNotices())
 
 
 def start_ray(ray: Any, address: str | None, *, quiet: bool = False, verbose: bool = False) -> bool:
@@ -133,8 +132,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
     verbose = bool(getattr(args, "verbose", False))
     if not verbose:
         quiet_ray_logs()
-    # Ray Data's progress bars on a terminal; without one it would log a progress line every 10 s.
-    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet and (verbose or sys.stderr.isatty())
+    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
     started_at = time.perf_counter()
     started = start_ray(ray, args.ray_address, quiet=args.quiet, verbose=verbose)
     try:

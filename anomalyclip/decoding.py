@@ -406,8 +406,8 @@ def _decode(fp: BinaryIO, name: str, opts: ImageReadOptions) -> DecodedImage:
             width, height = img.size
             if opts.max_image_pixels is not None and width * height > opts.max_image_pixels:
                 raise _limit_error(name, width, height, opts.max_image_pixels)
+            rawmode = _rawmode(img)  # before anything loads the pixels (a PNG's EXIF may follow them)
             orientation = _orientation(img) if opts.exif_transpose else 1
-            rawmode = _rawmode(img)
             if _reduced_by_pillow(img, rawmode):
                 if img.format == "TIFF":
                     return _read_tiff(fp, name, opts, orientation)

@@ -961,8 +961,9 @@ class AnomalyCLIP(nn.Module):
         the default single layer). A pixel threshold is on that scale.
 
         Args:
-            images: one image or a list: file paths, PIL images, numpy arrays (HxW, HxWx3, HxWx4;
-                uint8 or float in [0, 1]) or CHW tensors.
+            images: one image or a list: file paths (8, 16 or 32 bits, EXIF orientation applied:
+                see ``read_options``), PIL images, numpy arrays (HxW, HxWx3, HxWx4; uint8, uint16
+                scaled by 65535, or float in [0, 1]) or CHW tensors.
             batch_size: images per forward pass.
             image_threshold: results carry ``label = score > image_threshold``.
             pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold``.

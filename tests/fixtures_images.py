@@ -50,6 +50,21 @@ def exif_rotated_jpeg(path: Path, picture: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
+def write_png16(path: Path, samples: np.ndarray) -> None:
+    """Write ``uint16 HxWx3`` (or ``HxWx4``) samples as a 16-bit colour PNG (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    height, width, channels = samples.shape
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(height))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def make_input_folder(folder: Path) -> dict[str, Path]:
     """Write the folder (see the module docstring); returns name -> path of every file in it.
 

@@ -21,7 +21,7 @@ from anomalyclip.errors import MissingDependencyError
 from anomalyclip.preprocessing import load_image, prepare_image, preprocess_array, preprocess_image
 
 from .conftest import OFFICIAL_PTH, TINY_CLIP_REF
-from .fixtures_images import SIZE, TWINS, UNREADABLE, make_input_folder, rgb8
+from .fixtures_images import SIZE, TWINS, UNREADABLE, make_input_folder, rgb8, write_png16
 
 S = 224  # a small processing size keeps the tiny CLIP fast (the 16-bit bound is measured there)
 SCORE_BOUND = {"exact": 1e-5, "1e-3": 1e-3}  # the 16-bit float path against PIL's rounded 8-bit resize
@@ -153,6 +153,18 @@ def test_options_validate_and_round_trip():
             ImageReadOptions(**bad)
     with pytest.raises(InvalidInputError, match="Unknown image read options"):
         ImageReadOptions.from_dict({"bits": 12})
+
+
+def test_a_colour_png_of_16_bits_is_read_as_its_high_bytes(tmp_path):
+    """Pillow reads 16-bit colour PNG as 8 bits (no installed decoder keeps them): exact for 8-bit x 257,
+    and the options that need the low bits refuse it."""
+    picture = np.asarray(rgb8())
+    samples = np.minimum(picture.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)  # low bytes are dropped
+    write_png16(tmp_path / "rgb16.png", samples)
+    decoded = load_image(tmp_path / "rgb16.png")
+    assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), picture)
+    with pytest.raises(InvalidInputError, match="16-bit colour samples.*TIFF"):
+        load_image(tmp_path / "rgb16.png", ImageReadOptions(bit_depth=12))
 
 
 # ----------------------------------------------------------------------------- pixel limit

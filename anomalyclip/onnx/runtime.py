@@ -241,7 +241,7 @@ class OnnxAnomalyCLIP:
 
         Args:
             images: one image or a list: file paths, PIL images or numpy arrays (HxW, HxWx3,
-                HxWx4; uint8 or float in [0, 1]).
+                HxWx4; uint8, uint16 or float in [0, 1]), read as ``AnomalyCLIP.predict`` reads them.
             batch_size: images per run of the graph.
             image_threshold: results carry ``label = score > image_threshold``.
             pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold``.

@@ -54,7 +54,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Pillow's own decompression-bomb error limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 M pixels).
+#: Pillow's own decompression-bomb error limit, 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` unless a program
+#: changes that (about 179 M pixels): the default of :attr:`ImageReadOptions.max_image_pixels`.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 #: What :func:`load_image` returns: an 8-bit PIL image (``L``, ``LA``, ``RGB``, ``RGBA``) or a
@@ -99,15 +100,16 @@ class ImageReadOptions:
             bits, or float): ``(x - lo) / (hi - lo)`` clipped to ``[0, 1]``. Excludes
             ``bit_depth``.
         max_image_pixels: refuse files with more pixels than this before decoding them (a guard
-            against decompression bombs); default Pillow's own error limit (about 179 M pixels).
-            None: no limit. Raise it for trusted line-scan images, and score those in tiles
-            (``tile_size``).
+            against decompression bombs). None (default): Pillow's own error limit as this
+            process has it (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, :data:`DEFAULT_MAX_IMAGE_PIXELS`
+            = 178,956,970 unless changed; no limit if that is None). 0: no limit. Raise it for
+            trusted line-scan images, and score those in tiles (``tile_size``).
     """
 
     exif_transpose: bool = True
     bit_depth: int | None = None
     intensity_range: tuple[float, float] | None = None
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.exif_transpose, bool):
@@ -131,9 +133,18 @@ class ImageReadOptions:
             if self.bit_depth is not None:
                 raise InvalidInputError("Give bit_depth or intensity_range, not both: the window sets the scale.")
         if self.max_image_pixels is not None and (
-            isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or self.max_image_pixels < 1
+            isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or self.max_image_pixels < 0
         ):
-            raise InvalidInputError(f"max_image_pixels must be a positive int or None (no limit), got {self.max_image_pixels!r}.")
+            raise InvalidInputError(
+                f"max_image_pixels must be an int >= 0 (0: no limit) or None (Pillow's limit), got {self.max_image_pixels!r}."
+            )
+
+    def pixel_limit(self) -> int | None:
+        """The limit in pixels that applies now (None: none), resolving the default against Pillow's."""
+        if self.max_image_pixels is None:
+            pillow = Image.MAX_IMAGE_PIXELS
+            return None if pillow is None else 2 * int(pillow)
+        return self.max_image_pixels or None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (``from_dict`` reads it back)."""
@@ -353,7 +364,7 @@ def _is_tiff(head: bytes) -> bool:
     return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def _read_tiff(fp: BinaryIO, name: str, opts: ImageReadOptions, orientation: int | None) -> np.ndarray:
+def _read_tiff(fp: BinaryIO, name: str, opts: ImageReadOptions, orientation: int | None, limit: int | None) -> np.ndarray:
     """A TIFF that Pillow cannot read at full depth, with ``tifffile``: float32 ``HxWxC`` in [0, 1]."""
     try:
         import tifffile
@@ -368,8 +379,8 @@ def _read_tiff(fp: BinaryIO, name: str, opts: ImageReadOptions, orientation: int
             page = tif.pages[0]
             axes, shape = page.axes, page.shape
             height, width = shape[axes.index("Y")], shape[axes.index("X")]
-            if opts.max_image_pixels is not None and width * height > opts.max_image_pixels:
-                raise _limit_error(name, width, height, opts.max_image_pixels)
+            if limit is not None and width * height > limit:
+                raise _limit_error(name, width, height, limit)
             if orientation is None:
                 tag = page.tags.get(274)
                 orientation = int(tag.value) if tag is not None else 1
@@ -395,22 +406,23 @@ def _read_tiff(fp: BinaryIO, name: str, opts: ImageReadOptions, orientation: int
 def _decode(fp: BinaryIO, name: str, opts: ImageReadOptions) -> DecodedImage:
     head = fp.read(4)
     fp.seek(0)
-    with _pillow_pixel_limit(opts.max_image_pixels):
+    limit = opts.pixel_limit()
+    with _pillow_pixel_limit(limit):
         try:
             img_cm = Image.open(fp)
         except UnidentifiedImageError:
             if _is_tiff(head):  # e.g. float RGB TIFF: Pillow has no mode for it
-                return _read_tiff(fp, name, opts, None)
+                return _read_tiff(fp, name, opts, None, limit)
             raise
         with img_cm as img:
             width, height = img.size
-            if opts.max_image_pixels is not None and width * height > opts.max_image_pixels:
-                raise _limit_error(name, width, height, opts.max_image_pixels)
+            if limit is not None and width * height > limit:
+                raise _limit_error(name, width, height, limit)
             rawmode = _rawmode(img)  # before anything loads the pixels (a PNG's EXIF may follow them)
             orientation = _orientation(img) if opts.exif_transpose else 1
             if _reduced_by_pillow(img, rawmode):
                 if img.format == "TIFF":
-                    return _read_tiff(fp, name, opts, orientation)
+                    return _read_tiff(fp, name, opts, orientation, limit)
                 if opts.bit_depth is not None or opts.intensity_range is not None:
                     raise InvalidInputError(
                         f"'{name}' has 16-bit colour samples, which Pillow reads as 8 bits (the high byte of each), "
@@ -465,7 +477,7 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview, optio
         # Pillow's own check ran (it is lifted only when our limit is above it), so the image is
         # above Pillow's limit and therefore above ours too.
         raise ImageLoadError(
-            f"Image '{label}' is too large: {exc} The limit is max_image_pixels = {opts.max_image_pixels:,} "
+            f"Image '{label}' is too large: {exc} The limit is max_image_pixels = {opts.pixel_limit() or 0:,} "
             "(a guard against decompression bombs). If the file is trusted, raise it: "
             "ImageReadOptions(max_image_pixels=...) (CLI: --max-image-pixels N, 0 for none), and score an image "
             "that large in tiles (tile_size / --tile-size)."

@@ -82,15 +82,14 @@ def write_scores(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) 
 def read_options(args: Any):
     """The :class:`~anomalyclip.ImageReadOptions` of the CLI's ``--bit-depth``,
     ``--intensity-range``, ``--no-exif-transpose`` and ``--max-image-pixels`` (0: no limit)."""
-    from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageReadOptions
+    from .decoding import ImageReadOptions
 
-    limit = getattr(args, "max_image_pixels", None)
     window = getattr(args, "intensity_range", None)
     return ImageReadOptions(
         exif_transpose=not getattr(args, "no_exif_transpose", False),
         bit_depth=getattr(args, "bit_depth", None),
         intensity_range=tuple(window) if window is not None else None,
-        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS if limit is None else (None if limit == 0 else limit),
+        max_image_pixels=getattr(args, "max_image_pixels", None),
     )
 
 

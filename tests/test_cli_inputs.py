@@ -33,9 +33,9 @@ def test_read_option_flags_build_the_options():
 
     parser = build_parser()
     plain = read_options(parser.parse_args(["predict", "x.png"]))
-    assert plain == ImageReadOptions() and plain.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+    assert plain == ImageReadOptions() and plain.pixel_limit() == DEFAULT_MAX_IMAGE_PIXELS
     args = parser.parse_args(["predict", "x.png", "--bit-depth", "12", "--no-exif-transpose", "--max-image-pixels", "0"])
-    assert read_options(args) == ImageReadOptions(exif_transpose=False, bit_depth=12, max_image_pixels=None)
+    assert read_options(args) == ImageReadOptions(exif_transpose=False, bit_depth=12, max_image_pixels=0)
     args = parser.parse_args(["predict", "x.png", "--intensity-range", "100", "4000", "--max-image-pixels", "300000000"])
     assert read_options(args) == ImageReadOptions(intensity_range=(100.0, 4000.0), max_image_pixels=300_000_000)
 

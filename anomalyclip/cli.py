@@ -38,6 +38,26 @@ def _add_model_options(p: argparse.ArgumentParser, *, required: bool = False) ->
     p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
 
 
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    """How image files are read (:class:`anomalyclip.ImageReadOptions`; docs/cli.md, "Image files")."""
+    g = p.add_argument_group("reading image files")
+    g.add_argument(
+        "--bit-depth", type=int, default=None, metavar="N",
+        help="significant bits of 16-bit samples, e.g. 12 for Mono12 (default: the container's full range)",
+    )
+    g.add_argument(
+        "--intensity-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+        help="window for 16-bit, 32-bit and float images: (x - LO) / (HI - LO), clipped to [0, 1]",
+    )
+    g.add_argument(
+        "--no-exif-transpose", action="store_true", help="ignore EXIF orientation (default: apply it, as viewers do)"
+    )
+    g.add_argument(
+        "--max-image-pixels", type=int, default=None, metavar="N",
+        help="refuse larger images (default: Pillow's decompression-bomb limit, about 179 M pixels; 0: no limit)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyclip",
@@ -81,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tile-size", type=int, default=None, help="cut images larger than this many pixels into tiles (docs/tiling.md)"
     )
-    p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap fraction of the tiles (default 0.25)")
+    p.add_argument(
+        "--tile-overlap", type=float, default=None, help="overlap fraction of the tiles (default 0.25; only with --tile-size)"
+    )
+    _add_read_options(p)
     ray = p.add_argument_group("scale-out on a Ray cluster (pip install \"anomalyclip[ray]\")")
     ray.add_argument("--ray", action="store_true", help="score on Ray actors; also writes scores.parquet")
     ray.add_argument("--ray-address", default=None, help="cluster to join (default: start a local Ray on this machine)")
@@ -212,9 +235,10 @@ def _predict(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} need --ray.")
     from tqdm.auto import tqdm
 
-    from .predict_io import overlay_names, write_scores
+    from .predict_io import overlay_names, read_options, write_scores
     from .visualize import save_overlay
 
+    reading = read_options(args)
     images = collect_images(args.inputs)
     model = _load_model(args)
     if args.references:
@@ -223,7 +247,7 @@ def _predict(args: argparse.Namespace) -> int:
             references,
             batch_size=args.batch_size,
             tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
+            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
             coreset=args.coreset,
             progress=not args.quiet,
         )
@@ -244,10 +268,12 @@ def _predict(args: argparse.Namespace) -> int:
                 thresholds=False if args.no_thresholds else None,
                 tile_size=args.tile_size,
                 tile_overlap=args.tile_overlap,
+                read_options=reading,
             )
             for name, result in zip(names[start : start + len(chunk)], results):
                 save_overlay(
-                    out / name, result.path, result.anomaly_map, alpha=args.alpha, vmin=vmin, vmax=vmax, mask=result.mask
+                    out / name, result.path, result.anomaly_map, alpha=args.alpha, vmin=vmin, vmax=vmax, mask=result.mask,
+                    read_options=reading,
                 )
                 row = {"image": result.path, "score": round(result.score, 6), "overlay": name}
                 if result.label is not None:
@@ -284,7 +310,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
     from .model import AnomalyCLIP
+    from .train.checkpoints import check_output_dir
 
+    # Refuse an output folder of another run before minutes of loading the backbone.
+    check_output_dir(Path(args.out).expanduser(), Path(args.resume).expanduser() if args.resume else None)
     dataset = load_dataset(args.data, args.format, split=args.split)
     if args.model is not None:
         model = AnomalyCLIP.from_pretrained(
@@ -363,6 +392,7 @@ def _export(args: argparse.Namespace) -> int:
         thresholds=False if args.no_thresholds else None,  # None: the model's own
         image_threshold=args.threshold,
         pixel_threshold=args.pixel_threshold,
+        progress=not args.quiet,
     )
     out = Path(args.out)
     if args.quantize:

@@ -141,11 +141,11 @@ class _Done:
 class TorchBackend:
     """The torch model for :func:`~anomalyclip.predictor.predict_stream`: whole images at S x S."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    def __init__(self, model: Any, read_options: Any = None) -> None:
+        self.model, self.read_options = model, read_options
 
     def load(self, image: Any) -> tuple[tuple[int, int], torch.Tensor]:
-        prepared = self.model._prepare(image)
+        prepared = self.model._prepare(image, self.read_options)
         return prepared.size, self.model._preprocess_prepared(prepared)
 
     def submit(self, pixels: list[torch.Tensor], sizes: list[tuple[int, int]]) -> _StagedBatch:
@@ -157,11 +157,12 @@ class TorchBackend:
 class TiledTorchBackend:
     """The torch model with tiles: each image cut into tiles run at S x S, the maps blended."""
 
-    def __init__(self, model: Any, tile_size: int, tile_overlap: float, batch_size: int) -> None:
+    def __init__(self, model: Any, tile_size: int, tile_overlap: float, batch_size: int, read_options: Any = None) -> None:
         self.model, self.tile_size, self.tile_overlap, self.batch_size = model, tile_size, tile_overlap, batch_size
+        self.read_options = read_options
 
     def load(self, image: Any) -> tuple[tuple[int, int], Any]:
-        prepared = self.model._prepare(image)
+        prepared = self.model._prepare(image, self.read_options)
         return prepared.size, prepared
 
     def submit(self, pixels: list[Any], sizes: list[tuple[int, int]]) -> _Done:
@@ -221,10 +222,12 @@ def predict_iter(
     """``model.predict_iter`` (documented there), thresholds already resolved."""
     if options.tile_size is not None:
         model._check_tile_size(options.tile_size)
-        backend: Any = TiledTorchBackend(model, options.tile_size, options.tile_overlap, options.batch_size)
+        backend: Any = TiledTorchBackend(
+            model, options.tile_size, options.tile_overlap, options.batch_size, options.read_options
+        )
         batch_size = 1
     else:
-        backend, batch_size = TorchBackend(model), options.batch_size
+        backend, batch_size = TorchBackend(model, options.read_options), options.batch_size
     _warn_reference_scale(model, options.tile_size)
     return predict_stream(
         backend,
@@ -250,7 +253,7 @@ def calibrate(model: Any, items: list[Any], *, quantile: float, options: Predict
     if options.tile_size is None:
         size = model.config.image_size
         maps = np.empty((len(items), size, size), dtype=np.float32)
-        backend = TorchBackend(model)
+        backend = TorchBackend(model, options.read_options)
         for start in range(0, len(items), options.batch_size):
             chunk = [backend.load(item) for item in items[start : start + options.batch_size]]
             with torch.inference_mode():

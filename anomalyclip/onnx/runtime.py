@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CheckpointError, InvalidInputError, MissingDependencyError, WeightsNotFoundError
 from ..outputs import AnomalyResult
+from ..decoding import ImageReadOptions
 from ..preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_array
 from .metadata import INPUT_NAME, OUTPUT_NAMES, OnnxMetadata
 
@@ -174,19 +175,22 @@ class OnnxAnomalyCLIP:
         )
 
     # ------------------------------------------------------------------ array API
-    def _prepare(self, image: ImageInput) -> PreparedImage:
-        return check_image_size(prepare_image(image), self.metadata.patch_size)
+    def _prepare(self, image: ImageInput, read_options: ImageReadOptions | None = None) -> PreparedImage:
+        return check_image_size(prepare_image(image, read_options), self.metadata.patch_size)
 
     def _preprocess_prepared(self, prepared: PreparedImage) -> np.ndarray:
         m = self.metadata
         return preprocess_array(prepared, m.image_size, m.mean, m.std)
 
-    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """Images -> normalized float32 ``[B, 3, S, S]`` (the torch model's preprocessing, in numpy)."""
+    def preprocess(
+        self, images: ImageInput | Sequence[ImageInput], *, read_options: ImageReadOptions | None = None
+    ) -> np.ndarray:
+        """Images -> normalized float32 ``[B, 3, S, S]`` (the torch model's preprocessing, in numpy;
+        files read as ``read_options`` say, see :class:`~anomalyclip.ImageReadOptions`)."""
         items = list(images) if _is_image_list(images) else [images]
         if not items:
             raise InvalidInputError("Got an empty list of images; pass at least one image.")
-        return np.stack([self._preprocess_prepared(self._prepare(img)) for img in items])
+        return np.stack([self._preprocess_prepared(self._prepare(img, read_options)) for img in items])
 
     def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores and maps of preprocessed images.
@@ -231,12 +235,13 @@ class OnnxAnomalyCLIP:
         pixel_threshold: float | None = None,
         thresholds: Any = None,
         progress: bool = False,
+        read_options: ImageReadOptions | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size, as ``AnomalyCLIP.predict``.
 
         Args:
             images: one image or a list: file paths, PIL images or numpy arrays (HxW, HxWx3,
-                HxWx4; uint8 or float in [0, 1]).
+                HxWx4; uint8, uint16 or float in [0, 1]), read as ``AnomalyCLIP.predict`` reads them.
             batch_size: images per run of the graph.
             image_threshold: results carry ``label = score > image_threshold``.
             pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold``.
@@ -244,6 +249,8 @@ class OnnxAnomalyCLIP:
                 thresholds take precedence, and thresholds stored in the file at export apply
                 when neither is given.
             progress: show a tqdm progress bar.
+            read_options: how files are read (:class:`~anomalyclip.ImageReadOptions`), as in
+                ``AnomalyCLIP.predict``.
 
         Returns:
             An :class:`~anomalyclip.AnomalyResult` for a single image, a list of them for a list.
@@ -269,7 +276,7 @@ class OnnxAnomalyCLIP:
             batches = tqdm(batches, desc="AnomalyCLIP (ONNX)", unit="batch")
         for start in batches:
             chunk = items[start : start + batch_size]
-            prepared = [self._prepare(img) for img in chunk]
+            prepared = [self._prepare(img, read_options) for img in chunk]
             scores, maps = self.run(np.stack([self._preprocess_prepared(p) for p in prepared]))
             for i, p in enumerate(prepared):
                 path = os.fspath(chunk[i]) if isinstance(chunk[i], (str, os.PathLike)) else None

@@ -105,6 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile-overlap", type=float, default=None, help="overlap fraction of the tiles (default 0.25; only with --tile-size)"
     )
     _add_read_options(p)
+    run = p.add_argument_group("outputs and failures (single process)")
+    run.add_argument(
+        "--resume", action="store_true",
+        help="skip the images already in OUT/scores.csv (same options) and append the rest; error rows are retried",
+    )
+    run.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first image that cannot be read or scored (exit status 2); default: an error row, go on, exit 1",
+    )
+    run.add_argument("--no-overlays", action="store_true", help="write no heat-map overlays (scores only)")
+    run.add_argument(
+        "--save-maps", default=None, choices=("npy", "png16"),
+        help="also write each raw map to OUT/maps/: npy (float32) or png16 (16-bit PNG scaled by the map range, see run.json)",
+    )
+    run.add_argument("--save-masks", action="store_true", help="write each pixel-threshold mask to OUT/masks/ (needs a pixel threshold)")
+    run.add_argument(
+        "--num-workers", type=int, default=None,
+        help="threads decoding and resizing the next images (default: 2 on the CPU, up to 8 on a GPU)",
+    )
+    run.add_argument("--output-workers", type=int, default=2, help="threads encoding overlays and maps (default 2; 0: inline)")
     ray = p.add_argument_group("scale-out on a Ray cluster (pip install \"anomalyclip[ray]\")")
     ray.add_argument("--ray", action="store_true", help="score on Ray actors; also writes scores.parquet")
     ray.add_argument("--ray-address", default=None, help="cluster to join (default: start a local Ray on this machine)")
@@ -229,16 +249,20 @@ def _predict(args: argparse.Namespace) -> int:
     if args.ray:
         from .distributed.cli import predict_with_ray
 
+        single_only = ("resume", "strict", "no_overlays", "save_maps", "save_masks", "num_workers")
+        given = [n for n in single_only if getattr(args, n) not in (None, False)] + (["output_workers"] if args.output_workers != 2 else [])
+        if given:
+            raise InvalidInputError(
+                f"{', '.join('--' + n.replace('_', '-') for n in given)} apply to the single-process run, not --ray."
+            )
+
         return predict_with_ray(args)
     ray_only = ("ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
     if any(getattr(args, name) is not None for name in ray_only):
         raise InvalidInputError(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} need --ray.")
-    from tqdm.auto import tqdm
+    from .predict_run import check_predict_args, run_predict
 
-    from .predict_io import overlay_names, read_options, write_scores
-    from .visualize import save_overlay
-
-    reading = read_options(args)
+    check_predict_args(args)
     images = collect_images(args.inputs)
     model = _load_model(args)
     if args.references:
@@ -252,37 +276,7 @@ def _predict(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         logger.info("Added %d reference image(s)", len(references))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = model.map_range  # a fixed colour scale: overlays of different images are comparable
-    rows = []
-    names = overlay_names(images)
-    with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
-        for start in range(0, len(images), args.batch_size):
-            chunk = images[start : start + args.batch_size]
-            results = model.predict(
-                chunk,
-                batch_size=args.batch_size,
-                image_threshold=args.threshold,
-                pixel_threshold=args.pixel_threshold,
-                thresholds=False if args.no_thresholds else None,
-                tile_size=args.tile_size,
-                tile_overlap=args.tile_overlap,
-                read_options=reading,
-            )
-            for name, result in zip(names[start : start + len(chunk)], results):
-                save_overlay(
-                    out / name, result.path, result.anomaly_map, alpha=args.alpha, vmin=vmin, vmax=vmax, mask=result.mask,
-                    read_options=reading,
-                )
-                row = {"image": result.path, "score": round(result.score, 6), "overlay": name}
-                if result.label is not None:
-                    row["label"] = result.label
-                rows.append(row)
-            bar.update(len(chunk))
-    write_scores(out, rows)
-    logger.info("Wrote %d overlays, scores.csv and scores.json to %s", len(rows), out)
-    return 0
+    return run_predict(args, model, images)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -54,7 +54,12 @@ def test_cli_predict_scores_each_file_as_its_twin(saved, tmp_path, capsys):
 
     for name in ("gray16.png", "rgb16.tif", "rotated.jpg"):  # overlays at the picture's (oriented) size
         assert Image.open(out / rows[name]["overlay"]).size == SIZE
-    assert main(["-q", "predict", good[0], "--model", str(saved), "--max-image-pixels", "100", "--out", str(out)]) == 2
+    # A file over the pixel limit is an error row (exit status 1), or stops the run with --strict (2).
+    assert main(["-q", "predict", good[0], "--model", str(saved), "--max-image-pixels", "100", "--out", str(out)]) == 1
+    with open(out / "scores.csv", newline="") as handle:
+        assert "max_image_pixels" in next(csv.DictReader(handle))["error"]
+    args = ["-q", "predict", good[0], "--model", str(saved), "--max-image-pixels", "100", "--out", str(out), "--strict"]
+    assert main(args) == 2
     assert "max_image_pixels" in capsys.readouterr().err
 
 

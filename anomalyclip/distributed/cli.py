@@ -82,15 +82,13 @@ def default_workers(ray: Any, *, cpus_per_worker: float, gpus_per_worker: float,
 def _rows(table: Any) -> tuple[list[dict], list[dict]]:
     """CSV/JSON rows (the single-process format) and typed Parquet rows, in input order."""
     rows, typed = [], []
-    has_errors = table.column("error").null_count < table.num_rows
     has_labels = table.column("label").null_count < table.num_rows  # when an image threshold applies
     for r in table.to_pylist():
         ok = r["error"] is None
         row: dict[str, Any] = {"image": r["path"], "score": round(r["score"], 6) if ok else None, "overlay": r["overlay"]}
         if has_labels:
             row["label"] = r["label"]
-        if has_errors:
-            row["error"] = r["error"]
+        row["error"] = r["error"]  # always, as the single-process run (empty when scored)
         rows.append(row)
         typed.append({**row, "score": r["score"], "error": r["error"]})
     return rows, typed

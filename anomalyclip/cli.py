@@ -1,4 +1,4 @@
-"""The ``anomalyclip`` command line: predict, evaluate, finetune, convert, fetch, export.
+"""The ``anomalyclip`` command line: predict, calibrate, evaluate, finetune, convert, fetch, export.
 
 Run ``anomalyclip COMMAND --help`` for the options of each command.
 """
@@ -132,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per actor (default 1)")
     ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per actor, e.g. 1 (default 0)")
     p.set_defaults(handler=_predict)
+
+    p = sub.add_parser(
+        "calibrate", help="build an inspection profile: prompts, references and thresholds from normal images"
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGES", help="normal images or folders (searched recursively)")
+    _add_model_options(p)
+    p.add_argument("--out", required=True, metavar="PROFILE", help="directory to save the profile in (from_pretrained(PROFILE))")
+    p.add_argument("--quantile", type=float, default=0.99, help="quantile of the normal scores and map values (default 0.99)")
+    p.add_argument(
+        "--references", nargs="+", default=None, metavar="DIR_OR_FILE",
+        help="normal reference images or folders, added before calibrating (few-shot, saved in the profile)",
+    )
+    p.add_argument("--coreset", type=float, default=None, help="keep this fraction of the reference patches (greedy coreset)")
+    p.add_argument("--tile-size", type=int, default=None, help="calibrate for tiled prediction with tiles of this many pixels")
+    p.add_argument("--tile-overlap", type=float, default=None, help="overlap fraction of the tiles (default 0.25; only with --tile-size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_read_options(p)
+    p.set_defaults(handler=_calibrate)
 
     p = sub.add_parser("evaluate", help="metrics on a benchmark data set, as the paper reports them")
     _add_model_options(p)
@@ -277,6 +295,43 @@ def _predict(args: argparse.Namespace) -> int:
         )
         logger.info("Added %d reference image(s)", len(references))
     return run_predict(args, model, images)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .predict_io import read_options
+
+    if args.coreset is not None and not args.references:
+        raise InvalidInputError("--coreset applies to --references; pass --references DIR or drop --coreset.")
+    if args.tile_overlap is not None and args.tile_size is None:
+        raise InvalidInputError("--tile-overlap only applies with --tile-size.")
+    reading = read_options(args)
+    images = collect_images(args.inputs)
+    model = _load_model(args)
+    if args.references:
+        references = collect_images(args.references)
+        model.add_references(
+            references,
+            batch_size=args.batch_size,
+            tile_size=args.tile_size,
+            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
+            coreset=args.coreset,
+            progress=not args.quiet,
+        )
+        logger.info("Added %d reference image(s)", len(references))
+    thresholds = model.calibrate(
+        images,
+        quantile=args.quantile,
+        batch_size=args.batch_size,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        read_options=reading,
+    )
+    out = model.save_pretrained(args.out)
+    logger.info(
+        "Calibrated on %d normal image(s) (quantile %s): image threshold %.6f, pixel threshold %.6f; profile saved to %s",
+        len(images), args.quantile, thresholds.image, thresholds.pixel, out,
+    )
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

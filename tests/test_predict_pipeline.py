@@ -157,3 +157,24 @@ def test_predict_iter_memory_stays_flat_over_many_large_images(model):
     maps_total = n * side * side * 4
     assert len(scores) == n
     assert peak < 0.15 * maps_total, (peak, maps_total)  # about 2 batches of maps and inputs, not all
+
+
+def test_calibrate_cli_saves_a_profile_that_predict_applies(saved, folder, tmp_path, model):
+    from anomalyclip import AnomalyCLIP
+
+    normal = [folder / "rgb8.png", folder / "gray8.png", folder / "upright.png"]
+    profile = tmp_path / "profile"
+    args = ["-q", "calibrate", *map(str, normal), "--model", str(saved), "--out", str(profile), "--image-size", str(S)]
+    assert main([*args, "--quantile", "0.9", "--references", str(folder / "palette_as_rgb.png")]) == 0
+    loaded = AnomalyCLIP.from_pretrained(profile, device="cpu")
+    assert loaded.num_references == 1 and loaded.config.image_size == S
+    # The same thresholds as calibrating in Python with the same references.
+    expected = AnomalyCLIP.from_pretrained(saved, device="cpu", image_size=S)
+    expected.add_references([str(folder / "palette_as_rgb.png")])
+    want = expected.calibrate([str(p) for p in normal], quantile=0.9)
+    assert abs(loaded.thresholds.image - want.image) < 1e-6 and abs(loaded.thresholds.pixel - want.pixel) < 1e-6
+    # predict with the profile applies them: a label column.
+    out = tmp_path / "out"
+    assert main(["-q", "predict", str(normal[0]), "--model", str(profile), "--out", str(out)]) == 0
+    assert "label" in _rows(out)[0] and "anomalous_fraction" in _rows(out)[0]
+    assert main([*args, "--coreset", "0.5"]) == 2  # --coreset without --references

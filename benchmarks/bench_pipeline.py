@@ -24,6 +24,7 @@ Usage::
     python benchmarks/bench_pipeline.py --model tiny --image-size 224 --images 8 --repeats 1   # dry run, seconds
     python benchmarks/bench_pipeline.py --device cuda --dtype bfloat16 --batch-size 32 --images 256 \\
         --formats png,jpeg --json pipeline.json
+    python benchmarks/bench_pipeline.py ... --add-to-json bench.json     # as benchmarks/device_check.sh does
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument(
+        "--add-to-json", default=None, metavar="FILE",
+        help="add the figures as key 'pipeline' to this JSON file (e.g. bench_inference's --json output)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {result['machine']}; torch {result['torch']}, {result['threads']} threads; command: {result['command']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.add_to_json:
+        target = Path(args.add_to_json)
+        figures = json.loads(target.read_text()) if target.is_file() else {}
+        figures["pipeline"] = result
+        target.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

@@ -101,33 +101,42 @@ def _to_pinned_host(x: torch.Tensor) -> torch.Tensor:
 
 
 class _StagedBatch:
-    """One batch's results on their way to the host: maps resized to each image's size and
-    copied back asynchronously (on CUDA, into pinned memory, ordered before the next batch's
-    forward on the stream); :meth:`collect` waits for the copies."""
+    """One batch's results on their way to the host: maps resized to each image's size on the
+    model's device, then scores and maps copied back in one transfer (on CUDA, asynchronously into
+    pinned memory, ordered before the next batch's forward on the stream); :meth:`collect` waits
+    for the copy and splits it."""
 
-    def __init__(self, scores: torch.Tensor, maps: list[torch.Tensor], event: Any) -> None:
-        self.scores, self.maps, self.event = scores, maps, event
+    def __init__(self, flat: torch.Tensor, sizes: list[tuple[int, int]], event: Any) -> None:
+        self.flat, self.sizes, self.event = flat, sizes, event
 
     @classmethod
-    def stage(cls, out: AnomalyOutput, sizes: list[tuple[int, int]]) -> "_StagedBatch":
+    def stage(cls, out: AnomalyOutput, sizes: list[tuple[int, int]]) -> "_StagedBatch | _Done":
         maps = [
             F.interpolate(out.anomaly_maps[i][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
             for i, size in enumerate(sizes)
         ]
-        scores = out.scores.float()
-        if scores.device.type != "cuda":
-            return cls(scores.cpu(), [m.float().cpu() for m in maps], None)
-        scores, maps = _to_pinned_host(scores), [_to_pinned_host(m.float()) for m in maps]
+        if out.scores.device.type == "cpu":  # nothing to transfer: each map its own array
+            return _Done(out.scores.float().numpy().astype(np.float64), [m.float().numpy() for m in maps])  # type: ignore[return-value]
+        # maps, then the B scores, in one float32 buffer: a single device-to-host copy per batch
+        flat = torch.cat([m.float().reshape(-1) for m in maps] + [out.scores.float().reshape(-1)])
+        if flat.device.type != "cuda":
+            return cls(flat.cpu(), sizes, None)
+        flat = _to_pinned_host(flat)
         event = torch.cuda.Event()
         event.record()
-        return cls(scores, maps, event)
+        return cls(flat, sizes, event)
 
     def collect(self) -> tuple[np.ndarray, list[np.ndarray]]:
         if self.event is not None:
             self.event.synchronize()
-        copy = self.event is not None  # the copies are in pinned memory: hand out ordinary arrays
-        maps = [np.array(m.numpy(), dtype=np.float32, copy=True) if copy else m.numpy().astype(np.float32, copy=False) for m in self.maps]
-        return self.scores.numpy().astype(np.float64), maps
+        host = self.flat.numpy()
+        copy = self.event is not None  # the copy is in pinned memory: hand out ordinary arrays
+        maps, offset = [], 0
+        for h, w in self.sizes:
+            view = host[offset : offset + h * w].reshape(h, w)
+            maps.append(np.array(view, copy=True) if copy else view)
+            offset += h * w
+        return host[offset:].astype(np.float64), maps
 
 
 class _Done:

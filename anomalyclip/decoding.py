@@ -13,8 +13,10 @@ One decoder for every runtime (the torch model, the ONNX runtime, the Ray actors
 What happens on the way, each a deviation from the official pipeline (which only ever read the
 8-bit RGB and grayscale images of its data sets), listed in ``docs/cli.md`` ("Image files"):
 
-* EXIF orientation is applied (``ImageOps.exif_transpose``, as ``transformers`` does), so the
-  anomaly map lies over the picture as a viewer shows it; ``exif_transpose=False`` turns it off.
+* EXIF orientation is applied (the transposition of ``ImageOps.exif_transpose``, as
+  ``transformers`` does; read from the header, so it also holds for 16-bit TIFF read with
+  ``tifffile``), so the anomaly map lies over the picture as a viewer shows it;
+  ``exif_transpose=False`` turns it off.
 * Palette (``P``, ``PA``), bilevel (``1``), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX`` and
   premultiplied (``La``, ``RGBa``) images are converted to ``L``, ``RGB`` or ``RGBA`` *before*
   resizing (the official order resizes first, and Pillow resizes ``P`` and ``1`` images
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageLoadError, InvalidInputError, MissingDependencyError
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union, cast
 
 import numpy as np

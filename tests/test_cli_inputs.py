@@ -9,7 +9,6 @@ import pickle
 import socket
 import time
 
-import numpy as np
 import pytest
 
 from anomalyclip.cli import build_parser, main

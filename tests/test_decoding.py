@@ -69,6 +69,22 @@ def test_each_file_decodes_as_its_twin(folder):
         load_image(folder["truncated.png"])
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillows_exif_transpose(tmp_path, orientation):
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    rgb8().save(path, exif=exif.tobytes())
+    expected = ImageOps.exif_transpose(Image.open(path))
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(expected))
+    gray16 = (np.asarray(rgb8().convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(gray16).save(tmp_path / "g.png", exif=exif.tobytes())
+    turned = ImageOps.exif_transpose(Image.open(tmp_path / "g.png"))
+    np.testing.assert_array_equal(load_image(tmp_path / "g.png")[:, :, 0], np.asarray(turned).astype(np.float32) / 65535)
+
+
 def test_bytes_decode_like_files(folder):
     for name in ("gray16.png", "rgb16.tif", "rotated.jpg", "palette.png"):
         from_file, from_bytes = load_image(folder[name]), load_image(folder[name].read_bytes(), name=name)

@@ -47,5 +47,5 @@ def test_device_check_dry_run(tmp_path):
     assert figures["predict"]["rows"][0]["images_per_s"] > 0
     for fmt in ("png", "jpeg"):  # bench_pipeline's end-to-end figures, added to bench.json
         assert set(figures["pipeline"]["formats"][fmt]) == {"forward", "cli --no-overlays", "cli"}
-    assert summary.count("of the forward") == 6
+    assert summary.count("% of the forward") == 6
     assert "CPU ops" in (tmp_path / "profile.txt").read_text()

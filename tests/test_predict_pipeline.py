@@ -80,11 +80,9 @@ def test_a_folder_of_real_files_gives_one_row_each_and_an_error_row(saved, folde
 
 
 def _has_pyarrow() -> bool:
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
 
 
 def test_resume_after_an_interrupted_run_scores_every_image_once(saved, folder, tmp_path):

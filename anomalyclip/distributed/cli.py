@@ -83,14 +83,19 @@ def _rows(table: Any) -> tuple[list[dict], list[dict]]:
     """CSV/JSON rows (the single-process format) and typed Parquet rows, in input order."""
     rows, typed = [], []
     has_labels = table.column("label").null_count < table.num_rows  # when an image threshold applies
+    has_fractions = table.column("anomalous_fraction").null_count < table.num_rows  # a pixel threshold
     for r in table.to_pylist():
         ok = r["error"] is None
         row: dict[str, Any] = {"image": r["path"], "score": round(r["score"], 6) if ok else None, "overlay": r["overlay"]}
         if has_labels:
             row["label"] = r["label"]
+        if has_fractions:
+            row["anomalous_fraction"] = round(r["anomalous_fraction"], 6) if ok else None
         row["error"] = r["error"]  # always, as the single-process run (empty when scored)
         rows.append(row)
         typed.append({**row, "score": r["score"], "error": r["error"]})
+        if has_fractions:
+            typed[-1]["anomalous_fraction"] = r["anomalous_fraction"]
     return rows, typed
 
 
@@ -103,6 +108,8 @@ def _write_parquet(path: Path, typed_rows: list[dict]) -> None:
     fields = [pa.field("image", pa.string()), pa.field("score", pa.float64()), pa.field("overlay", pa.string())]
     if "label" in typed_rows[0]:
         fields.append(pa.field("label", pa.int64()))
+    if "anomalous_fraction" in typed_rows[0]:
+        fields.append(pa.field("anomalous_fraction", pa.float64()))
     fields.append(pa.field("error", pa.string()))
     schema = pa.schema(fields)
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in fields} for r in typed_rows], schema=schema)

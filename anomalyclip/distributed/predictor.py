@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 #: Output columns, always present: the input position (null when the input had no ``index``),
 #: the path, the image score (null for error rows), the label (``score > image_threshold``;
 #: null without a threshold or on error) and the error message (null when the image was scored).
-OUTPUT_COLUMNS: tuple[str, ...] = ("index", "path", "score", "label", "error")
+OUTPUT_COLUMNS: tuple[str, ...] = ("index", "path", "score", "label", "anomalous_fraction", "error")
 
 
 def output_schema(maps: str | None, map_dir: Any, overlays: bool):
@@ -67,6 +67,7 @@ def output_schema(maps: str | None, map_dir: Any, overlays: bool):
         pa.field("path", pa.string()),
         pa.field("score", pa.float64()),
         pa.field("label", pa.int64()),
+        pa.field("anomalous_fraction", pa.float64()),  # of the pixels above the pixel threshold
         pa.field("error", pa.string()),
     ]
     if maps is not None:
@@ -340,6 +341,7 @@ class AnomalyCLIPPredictor:
             "path": paths,
             "score": [r.score if r is not None else None for r in results],
             "label": [r.label if r is not None else None for r in results],
+            "anomalous_fraction": [float(np.mean(r.mask)) if r is not None and r.mask is not None else None for r in results],
             "error": errors,
         }
         if self._map_column is not None:

@@ -28,6 +28,7 @@ _EXPORTS = {
     "AnomalyCLIPConfig": ".config",
     "AnomalyOutput": ".outputs",
     "AnomalyResult": ".outputs",
+    "ImageReadOptions": ".decoding",
     "Thresholds": ".eval.thresholds",
     "evaluate": ".eval.protocol",
     "load_dataset": ".data.datasets",
@@ -65,6 +66,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .config import AnomalyCLIPConfig
     from .data.datasets import AnomalyDataset, Sample, load_dataset
+    from .decoding import ImageReadOptions
     from .errors import (
         AnomalyCLIPError,
         BackboneError,

@@ -1,4 +1,4 @@
-"""The ``anomalyclip`` command line: predict, evaluate, finetune, convert, fetch, export, serve.
+"""The ``anomalyclip`` command line: predict, calibrate, evaluate, finetune, convert, fetch, export, serve.
 
 Run ``anomalyclip COMMAND --help`` for the options of each command.
 """
@@ -36,6 +36,26 @@ def _add_model_options(p: argparse.ArgumentParser, *, required: bool = False) ->
     p.add_argument("--dpam-mode", default=None, choices=("vv", "qq", "kk"), help="DPAM attention (default: the model's, vv)")
     p.add_argument("--sigma", type=float, default=None, help="Gaussian blur of the map in pixels (default: the model's, 4)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face / preset cache directory")
+
+
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    """How image files are read (:class:`anomalyclip.ImageReadOptions`; docs/cli.md, "Image files")."""
+    g = p.add_argument_group("reading image files")
+    g.add_argument(
+        "--bit-depth", type=int, default=None, metavar="N",
+        help="significant bits of 16-bit samples, e.g. 12 for Mono12 (default: the container's full range)",
+    )
+    g.add_argument(
+        "--intensity-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+        help="window for 16-bit, 32-bit and float images: (x - LO) / (HI - LO), clipped to [0, 1]",
+    )
+    g.add_argument(
+        "--no-exif-transpose", action="store_true", help="ignore EXIF orientation (default: apply it, as viewers do)"
+    )
+    g.add_argument(
+        "--max-image-pixels", type=int, default=None, metavar="N",
+        help="refuse larger images (default: Pillow's decompression-bomb limit, about 179 M pixels; 0: no limit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile-size", type=int, default=None, help="cut images larger than this many pixels into tiles (docs/tiling.md)"
     )
     p.add_argument(
-        "--tile-overlap", type=float, default=None, help="overlap fraction of the tiles (default 0.25; needs --tile-size)"
+        "--tile-overlap", type=float, default=None, help="overlap fraction of the tiles (default 0.25; only with --tile-size)"
     )
+    _add_read_options(p)
+    run = p.add_argument_group("outputs and failures (single process)")
+    run.add_argument(
+        "--resume", action="store_true",
+        help="skip the images already in OUT/scores.csv (same options) and append the rest; error rows are retried",
+    )
+    run.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first image that cannot be read or scored (exit status 2); default: an error row, go on, exit 1",
+    )
+    run.add_argument("--no-overlays", action="store_true", help="write no heat-map overlays (scores only)")
+    run.add_argument(
+        "--save-maps", default=None, choices=("npy", "png16"),
+        help="also write each raw map to OUT/maps/: npy (float32) or png16 (16-bit PNG scaled by the map range, see run.json)",
+    )
+    run.add_argument("--save-masks", action="store_true", help="write each pixel-threshold mask to OUT/masks/ (needs a pixel threshold)")
+    run.add_argument(
+        "--num-workers", type=int, default=None,
+        help="threads decoding and resizing the next images (default: 2 on the CPU, up to 8 on a GPU)",
+    )
+    run.add_argument("--output-workers", type=int, default=2, help="threads encoding overlays and maps (default 2; 0: inline)")
     ray = p.add_argument_group("scale-out on a Ray cluster (pip install \"anomalyclip[ray]\")")
     ray.add_argument("--ray", action="store_true", help="score on Ray actors; also writes scores.parquet")
     ray.add_argument("--ray-address", default=None, help="cluster to join (default: start a local Ray on this machine)")
@@ -91,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per actor (default 1)")
     ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per actor, e.g. 1 (default 0)")
     p.set_defaults(handler=_predict)
+
+    p = sub.add_parser(
+        "calibrate", help="build an inspection profile: prompts, references and thresholds from normal images"
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGES", help="normal images or folders (searched recursively)")
+    _add_model_options(p)
+    p.add_argument("--out", required=True, metavar="PROFILE", help="directory to save the profile in (from_pretrained(PROFILE))")
+    p.add_argument("--quantile", type=float, default=0.99, help="quantile of the normal scores and map values (default 0.99)")
+    p.add_argument(
+        "--references", nargs="+", default=None, metavar="DIR_OR_FILE",
+        help="normal reference images or folders, added before calibrating (few-shot, saved in the profile)",
+    )
+    p.add_argument("--coreset", type=float, default=None, help="keep this fraction of the reference patches (greedy coreset)")
+    p.add_argument("--tile-size", type=int, default=None, help="calibrate for tiled prediction with tiles of this many pixels")
+    p.add_argument("--tile-overlap", type=float, default=None, help="overlap fraction of the tiles (default 0.25; only with --tile-size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_read_options(p)
+    p.set_defaults(handler=_calibrate)
 
     p = sub.add_parser("evaluate", help="metrics on a benchmark data set, as the paper reports them")
     _add_model_options(p)
@@ -279,14 +338,22 @@ def _predict(args: argparse.Namespace) -> int:
     if args.ray:
         from .distributed.cli import predict_with_ray
 
+        single_only = ("resume", "strict", "no_overlays", "save_maps", "save_masks", "num_workers")
+        given = [n for n in single_only if getattr(args, n) not in (None, False)] + (["output_workers"] if args.output_workers != 2 else [])
+        if given:
+            raise InvalidInputError(
+                f"{', '.join('--' + n.replace('_', '-') for n in given)} apply to the single-process run, not --ray."
+            )
+
         return predict_with_ray(args)
     ray_only = ("ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
     if any(getattr(args, name) is not None for name in ray_only):
         raise InvalidInputError(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} need --ray.")
     if _is_onnx_file(args.model):
         return _predict_onnx(args)
-    from .predict_io import write_predictions
+    from .predict_run import check_predict_args, run_predict
 
+    check_predict_args(args)
     images = collect_images(args.inputs)
     model = _load_model(args)
     if args.pixel_threshold is not None and not model.map_range[0] <= args.pixel_threshold <= model.map_range[1]:
@@ -306,21 +373,43 @@ def _predict(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         logger.info("Added %d reference image(s)", len(references))
-    rows = write_predictions(
-        model,
+    return run_predict(args, model, images)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .predict_io import read_options
+
+    if args.coreset is not None and not args.references:
+        raise InvalidInputError("--coreset applies to --references; pass --references DIR or drop --coreset.")
+    if args.tile_overlap is not None and args.tile_size is None:
+        raise InvalidInputError("--tile-overlap only applies with --tile-size.")
+    reading = read_options(args)
+    images = collect_images(args.inputs)
+    model = _load_model(args)
+    if args.references:
+        references = collect_images(args.references)
+        model.add_references(
+            references,
+            batch_size=args.batch_size,
+            tile_size=args.tile_size,
+            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
+            coreset=args.coreset,
+            progress=not args.quiet,
+        )
+        logger.info("Added %d reference image(s)", len(references))
+    thresholds = model.calibrate(
         images,
-        args.out,
+        quantile=args.quantile,
         batch_size=args.batch_size,
-        alpha=args.alpha,
-        progress=not args.quiet,
-        image_threshold=args.threshold,
-        pixel_threshold=args.pixel_threshold,
-        thresholds=False if args.no_thresholds else None,
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
+        read_options=reading,
     )
-    logger.info("Wrote %d overlays, scores.csv and scores.json to %s", len(rows), args.out)
-    return 0
+    out = model.save_pretrained(args.out)
+    logger.info(
+        "Calibrated on %d normal image(s) (quantile %s): image threshold %.6f, pixel threshold %.6f; profile saved to %s",
+        len(images), args.quantile, thresholds.image, thresholds.pixel, out,
+    )
 
 
 def _is_onnx_file(model: str | None) -> bool:
@@ -355,6 +444,12 @@ def _predict_onnx(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"{', '.join(unsupported)} do not apply to an ONNX export (the runtime scores whole images in the "
             "file's dtype); drop them, or pass a model directory / Hub id."
+        )
+    streaming = [n for n in ("resume", "strict", "no_overlays", "save_maps", "save_masks") if getattr(args, n, None)]
+    if streaming:
+        raise InvalidInputError(
+            f"{', '.join('--' + n.replace('_', '-') for n in streaming)} are not available for an ONNX export yet: "
+            "drop them, or pass a model directory / Hub id (the torch run)."
         )
     images = collect_images(args.inputs)
     providers = {None: None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -416,7 +511,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
     from .model import AnomalyCLIP
+    from .train.checkpoints import check_output_dir
 
+    # Refuse an output folder of another run before minutes of loading the backbone.
+    check_output_dir(Path(args.out).expanduser(), Path(args.resume).expanduser() if args.resume else None)
     dataset = load_dataset(args.data, args.format, split=args.split)
     if args.model is not None:
         model = AnomalyCLIP.from_pretrained(
@@ -495,6 +593,7 @@ def _export(args: argparse.Namespace) -> int:
         thresholds=False if args.no_thresholds else None,  # None: the model's own
         image_threshold=args.threshold,
         pixel_threshold=args.pixel_threshold,
+        progress=not args.quiet,
     )
     out = Path(args.out)
     if args.quantize:

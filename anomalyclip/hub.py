@@ -26,6 +26,35 @@ def is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub certainly cannot be reached from here, or None when it may be.
+
+    One DNS look-up of the Hub's host (the OS caches it): without a network it fails at once,
+    where a download would spend half a minute in huggingface_hub's retries. Behind a proxy
+    (``HTTPS_PROXY``...) the host may not resolve locally, so nothing is concluded there.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"{host} does not resolve ({exc.strerror if isinstance(exc, socket.gaierror) else exc}: no network?)"
+    except OSError:
+        return None
+    return None
+
+
 def is_repo_id(name: str) -> bool:
     """Whether ``name`` looks like a Hub repo id (``org/name``) rather than a local path."""
     parts = name.split("/")
@@ -56,15 +85,18 @@ def hub_download(
     from huggingface_hub import hf_hub_download
 
     where = f"'{filename}' of Hub repo '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
-    with _hub_errors(where, what, repo_id, local_files_only):
+    unreachable = None if local_files_only or is_offline() else hub_unreachable()
+    if unreachable is not None:
+        logger.debug("The Hub cannot be reached (%s): looking for %s in the cache only", unreachable, where)
+    with _hub_errors(where, what, repo_id, local_files_only, unreachable):
         path = hf_hub_download(
             repo_id=repo_id,
             filename=filename,
             revision=revision,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             token=token,
-            local_files_only=local_files_only,
-            force_download=force_download,
+            local_files_only=local_files_only or unreachable is not None,
+            force_download=force_download and unreachable is None,
             library_name=LIBRARY_NAME,
             library_version=__version__,
         )
@@ -97,7 +129,10 @@ def hub_snapshot(
     import huggingface_hub
 
     where = f"Hub repo '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
-    with _hub_errors(where, what, repo_id, local_files_only):
+    unreachable = None if local_files_only or is_offline() else hub_unreachable()
+    if unreachable is not None:
+        logger.debug("The Hub cannot be reached (%s): looking for %s in the cache only", unreachable, where)
+    with _hub_errors(where, what, repo_id, local_files_only, unreachable):
         folder = huggingface_hub.snapshot_download(
             repo_id=repo_id,
             repo_type="model",
@@ -105,8 +140,8 @@ def hub_snapshot(
             allow_patterns=list(filenames),
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             token=token,
-            local_files_only=local_files_only,
-            force_download=force_download,
+            local_files_only=local_files_only or unreachable is not None,
+            force_download=force_download and unreachable is None,
             library_name=LIBRARY_NAME,
             library_version=__version__,
         )
@@ -115,8 +150,11 @@ def hub_snapshot(
 
 
 @contextlib.contextmanager
-def _hub_errors(where: str, what: str, repo_id: str, local_files_only: bool) -> Iterator[None]:
-    """Turn the Hub's download failures inside the block into :class:`WeightsNotFoundError`."""
+def _hub_errors(
+    where: str, what: str, repo_id: str, local_files_only: bool, unreachable: str | None = None
+) -> Iterator[None]:
+    """Turn the Hub's download failures inside the block into :class:`WeightsNotFoundError`
+    (``unreachable``: why the Hub cannot be reached, when :func:`hub_unreachable` said so)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -144,6 +182,8 @@ def _hub_errors(where: str, what: str, repo_id: str, local_files_only: bool) -> 
             hint = "local_files_only=True and the files are not in the local Hugging Face cache"
         elif is_offline():
             hint = "HF_HUB_OFFLINE=1 is set and the files are not in the local Hugging Face cache"
+        elif unreachable is not None:
+            hint = f"the Hub cannot be reached ({unreachable}) and the files are not in the local Hugging Face cache"
         else:
             hint = "the Hub cannot be reached and the files are not in the local Hugging Face cache"
         raise WeightsNotFoundError(

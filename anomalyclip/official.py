@@ -22,6 +22,7 @@ import os
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if not path.is_file():
         raise CheckpointError(f"Official checkpoint not found: '{path}'.")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (IndexError, UnpicklingError, ...) on bad files
         raise _load_error(path, exc) from exc
     if isinstance(data, dict) and "prompt_learner" in data:
@@ -104,10 +107,20 @@ def _pickle_globals(path: Path) -> list[str] | None:
         return None
 
 
+def _torch_detail(exc: Exception) -> str:
+    """The reason in a ``torch.load`` error, without torch's advice to retry with
+    ``weights_only=False`` (which this library never does: it would let the file run code)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    lines = [line for line in text.strip().splitlines() if "weights_only" not in line and "Weights only load failed" not in line]
+    detail = " ".join(found.group(1).split()) if found else (lines[0].strip() if lines else "")
+    return f"{type(exc).__name__}: {detail[:200]}" if detail else type(exc).__name__
+
+
 def _load_error(path: Path, exc: Exception) -> CheckpointError:
     """Why ``torch.load(path, weights_only=True)`` failed: a refusal for safety (the file would run
     code) or a file that is not a readable checkpoint (corrupt, truncated, another format)."""
-    detail = (str(exc).strip().splitlines() or [""])[0][:200]
+    detail = _torch_detail(exc)
     refused: list[str] = []
     if isinstance(exc, pickle.UnpicklingError):
         named = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
@@ -121,7 +134,7 @@ def _load_error(path: Path, exc: Exception) -> CheckpointError:
         )
     return CheckpointError(
         f"Cannot read '{path}': it is not a readable PyTorch checkpoint; it is corrupt or truncated (an "
-        f"interrupted download?) or in another format ({type(exc).__name__}: {detail}). Download it again "
+        f"interrupted download?) or in another format ({detail}). Download it again "
         "(e.g. `anomalyclip fetch official-visa`) or check the path; expected an official AnomalyCLIP .pth "
         "such as epoch_15.pth."
     )

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .decoding import ImageReadOptions
 
 __all__ = ["InferenceOptions", "PredictOptions"]
 
@@ -73,6 +76,8 @@ class PredictOptions:
         progress: show a tqdm progress bar.
         on_error: ``"raise"`` (stop at an unreadable image) or ``"record"`` (a result with
             ``error`` set, score NaN, no map).
+        read_options: how image files are read (:class:`~anomalyclip.ImageReadOptions`);
+            None: its defaults.
     """
 
     batch_size: int = 8
@@ -81,6 +86,7 @@ class PredictOptions:
     tile_overlap: float = 0.25
     progress: bool = False
     on_error: str = "raise"
+    read_options: "ImageReadOptions | None" = None
 
     def __post_init__(self) -> None:
         _check_positive_int(self.batch_size, "batch_size")

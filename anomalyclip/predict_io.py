@@ -144,6 +144,20 @@ def write_scores(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) 
     return csv_path, json_path
 
 
+def read_options(args: Any):
+    """The :class:`~anomalyclip.ImageReadOptions` of the CLI's ``--bit-depth``,
+    ``--intensity-range``, ``--no-exif-transpose`` and ``--max-image-pixels`` (0: no limit)."""
+    from .decoding import ImageReadOptions
+
+    window = getattr(args, "intensity_range", None)
+    return ImageReadOptions(
+        exif_transpose=not getattr(args, "no_exif_transpose", False),
+        bit_depth=getattr(args, "bit_depth", None),
+        intensity_range=tuple(window) if window is not None else None,
+        max_image_pixels=getattr(args, "max_image_pixels", None),
+    )
+
+
 def model_options(args: Any) -> dict[str, Any]:
     """The ``AnomalyCLIP.from_pretrained`` keyword arguments of the CLI's shared model options
     (``--device``, ``--dtype``, ``--image-size``, ``--feature-layers``, ``--dpam-layers``,

@@ -5,9 +5,12 @@ Images: PIL bicubic resize to ``(S, S)`` (the aspect ratio is NOT kept), then RG
 ``(S, S)``, then thresholded at 0.5.
 
 Accepted image inputs (:data:`ImageInput`): a file path, a PIL image, a numpy array (``HxW``,
-``HxWx1``, ``HxWx3`` or ``HxWx4``; ``uint8`` in ``[0, 255]`` or float in ``[0, 1]``) or a torch
-tensor (``CHW`` with C in 1, 3, 4, or ``HW``; same dtypes and ranges). 8-bit inputs go through
-PIL exactly as the official pipeline does; float inputs are resized per channel with PIL's
+``HxWx1``, ``HxWx3`` or ``HxWx4``; ``uint8`` in ``[0, 255]``, ``uint16`` / ``uint32`` / ``int32``
+scaled by their full range, or float in ``[0, 1]``) or a torch tensor (``CHW`` with C in 1, 3,
+4, or ``HW``; same dtypes and ranges). Files are decoded by :mod:`anomalyclip.decoding` (EXIF
+orientation, palette and other modes, 16-bit and float files, the pixel limit;
+:class:`~anomalyclip.decoding.ImageReadOptions`). 8-bit inputs go through PIL exactly as the
+official pipeline does; high-bit-depth and float inputs are resized per channel with PIL's
 32-bit float bicubic filter, so they are not quantized to 8 bits.
 """
 
@@ -16,19 +19,20 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union, cast
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import OPENAI_MEAN, OPENAI_STD
-from .errors import ImageLoadError, InvalidInputError
+from .decoding import DecodedImage, ImageReadOptions, load_image, normalize_pil, scale_to_unit
+from .errors import InvalidInputError
 
 __all__ = [
     "OPENAI_MEAN",
     "OPENAI_STD",
     "ImageInput",
+    "ImageReadOptions",
     "PreparedImage",
     "load_image",
     "prepare_image",
@@ -48,8 +52,8 @@ if TYPE_CHECKING:
 #: What the library accepts as one image (torch is imported only where a tensor is given).
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor"]
 
-# PIL modes that the official pipeline handles meaningfully with ``resize`` + ``convert("RGB")``.
-_SUPPORTED_PIL_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa")
+# Integer dtypes wider than 8 bits, scaled to [0, 1] by their full range (or the read options).
+_HIGH_BIT_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int32), np.dtype(">u2"))
 
 
 @dataclass(frozen=True)
@@ -82,35 +86,13 @@ def _describe(image: object) -> str:
     return f"{type(image).__module__}.{type(image).__qualname__}"
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and decode an image file; raise :class:`ImageLoadError` naming the file on failure."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageLoadError(f"Image file not found: '{path}'. Check the path.")
-    if path.is_dir():
-        raise ImageLoadError(f"'{path}' is a directory, not an image file.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(
-            f"Cannot read image '{path}': {exc}. The file may be truncated or not an image "
-            "format Pillow can decode (PNG, JPEG, BMP, TIFF, ...)."
-        ) from exc
+def _from_decoded(decoded: DecodedImage, origin: str) -> PreparedImage:
+    if isinstance(decoded, Image.Image):
+        return PreparedImage(pil=decoded, array=None)
+    return _array_to_prepared(decoded, origin, None)
 
 
-def _check_pil_mode(img: Image.Image, origin: str) -> Image.Image:
-    if img.mode not in _SUPPORTED_PIL_MODES:
-        raise InvalidInputError(
-            f"Unsupported PIL image mode '{img.mode}' ({origin}). Supported: 8-bit modes "
-            f"{', '.join(_SUPPORTED_PIL_MODES)}. Convert 16-bit or float images to a float numpy "
-            "array scaled to [0, 1] (e.g. np.asarray(img, np.float32) / 65535) and pass that."
-        )
-    return img
-
-
-def _array_to_prepared(arr: np.ndarray, origin: str) -> PreparedImage:
+def _array_to_prepared(arr: np.ndarray, origin: str, options: ImageReadOptions | None) -> PreparedImage:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
@@ -125,37 +107,32 @@ def _array_to_prepared(arr: np.ndarray, origin: str) -> PreparedImage:
         mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
         data = arr[:, :, 0] if channels == 1 else arr
         return PreparedImage(pil=Image.fromarray(np.ascontiguousarray(data), mode=mode), array=None)
-    if np.issubdtype(arr.dtype, np.floating):
-        arr = arr.astype(np.float32, copy=False)
-        if not np.isfinite(arr).all():
-            raise InvalidInputError(f"Image contains NaN or infinite values ({origin}).")
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0.0 or hi > 1.0:
-            raise InvalidInputError(
-                f"Float images must have values in [0, 1] ({origin}); got range [{lo:.4g}, {hi:.4g}]. "
-                "Divide 8-bit data by 255 (or pass it as uint8)."
-            )
-        return PreparedImage(pil=None, array=arr)
     if arr.dtype == bool:
-        return _array_to_prepared(arr.astype(np.uint8) * 255, origin)
+        return _array_to_prepared(arr.astype(np.uint8) * 255, origin, options)
+    if np.issubdtype(arr.dtype, np.floating) or arr.dtype in _HIGH_BIT_DTYPES:
+        return PreparedImage(pil=None, array=scale_to_unit(arr, options, origin))
     raise InvalidInputError(
-        f"Unsupported image dtype {arr.dtype} ({origin}). Pass uint8 in [0, 255] or float in [0, 1]; "
-        "scale other integer types to float, e.g. arr.astype(np.float32) / 65535 for 16-bit."
+        f"Unsupported image dtype {arr.dtype} ({origin}). Pass uint8 in [0, 255], uint16 / uint32 / int32 "
+        "(scaled by their full range, or as ImageReadOptions say) or float in [0, 1]."
     )
 
 
-def prepare_image(image: ImageInput) -> PreparedImage:
+def prepare_image(image: ImageInput, options: ImageReadOptions | None = None) -> PreparedImage:
     """Bring any supported image input to a :class:`PreparedImage` (validated, not resized).
 
+    Args:
+        image: a file path, PIL image, numpy array or CHW torch tensor (see :data:`ImageInput`).
+        options: how files are read and high-bit-depth samples scaled
+            (:class:`~anomalyclip.decoding.ImageReadOptions`); None: the defaults.
+
     Raises:
-        ImageLoadError: a path that is missing or cannot be decoded.
+        ImageLoadError: a path that is missing or cannot be decoded, or is above the pixel limit.
         InvalidInputError: an unsupported type, mode, shape, dtype, range or non-finite values.
     """
     if isinstance(image, (str, os.PathLike)):
-        img = load_image(image)
-        return PreparedImage(pil=_check_pil_mode(img, f"file '{image}'"), array=None)
+        return _from_decoded(load_image(image, options), f"file '{image}'")
     if isinstance(image, Image.Image):
-        return PreparedImage(pil=_check_pil_mode(image, "PIL image"), array=None)
+        return _from_decoded(normalize_pil(image, options), "PIL image")
     torch = sys.modules.get("torch")  # an input can only be a tensor if torch is already imported
     if torch is not None and isinstance(image, torch.Tensor):
         t = image.detach()
@@ -173,9 +150,9 @@ def prepare_image(image: ImageInput) -> PreparedImage:
             )
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
-        return _array_to_prepared(t.cpu().numpy(), "tensor")
+        return _array_to_prepared(t.cpu().numpy(), "tensor", options)
     if isinstance(image, np.ndarray):
-        return _array_to_prepared(image, "numpy array")
+        return _array_to_prepared(image, "numpy array", options)
     raise InvalidInputError(
         f"Unsupported image type {_describe(image)}. Pass a file path, a PIL image, a numpy array "
         "(HxW[xC]) or a CHW torch tensor."
@@ -266,8 +243,9 @@ def preprocess_images(
     return torch.stack([preprocess_image(img, size, mean, std) for img in images])
 
 
-def load_mask(path: str | os.PathLike) -> Image.Image:
-    """Open a ground-truth mask file (any mode); raise :class:`ImageLoadError` naming it on failure."""
+def load_mask(path: str | os.PathLike) -> Image.Image | np.ndarray:
+    """Open a ground-truth mask file as :func:`load_image` does (a PIL image, or a float array for
+    16-bit masks); raise :class:`ImageLoadError` naming it on failure."""
     return load_image(path)
 
 

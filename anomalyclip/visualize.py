@@ -247,10 +247,16 @@ def apply_colormap(
     return table[_quantize(arr, lo, hi)]
 
 
-def _as_rgb(image: VisImage) -> np.ndarray:
-    """``uint8 [H, W, 3]`` RGB from a path, a PIL image or a uint8 array (gray, RGB or RGBA)."""
+def _as_rgb(image: VisImage, read_options: Any = None) -> np.ndarray:
+    """``uint8 [H, W, 3]`` RGB from a path (read as :func:`~anomalyclip.preprocessing.load_image`
+    does: EXIF orientation applied, 16-bit scaled), a PIL image, a uint8 array (gray, RGB or
+    RGBA) or a float array in [0, 1] (what ``load_image`` returns for high-bit-depth files)."""
     if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
+        image = load_image(image, read_options)
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+        if image.size and not (np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0):
+            raise InvalidInputError("float image arrays must have finite values in [0, 1].")
+        image = np.round(image * 255.0).astype(np.uint8)
     if isinstance(image, Image.Image):
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             raise InvalidInputError(
@@ -261,8 +267,8 @@ def _as_rgb(image: VisImage) -> np.ndarray:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise InvalidInputError(
-                f"image arrays must be uint8 in [0, 255], got dtype {image.dtype}. Convert with "
-                "np.clip(x * 255, 0, 255).astype(np.uint8) for floats in [0, 1]."
+                f"image arrays must be uint8 in [0, 255] or float in [0, 1], got dtype {image.dtype}. "
+                "Scale other types first, e.g. x.astype(np.float32) / 65535 for 16-bit."
             )
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
@@ -356,12 +362,14 @@ def overlay(
     mask: Any = None,
     contour_color: tuple[int, int, int] = (255, 255, 255),
     contour_width: int = 2,
+    read_options: Any = None,
 ) -> Image.Image:
     """Blend a coloured anomaly map onto an image, at the image's original size.
 
     Args:
-        image: file path, PIL image, or ``uint8`` numpy array ``HxW``, ``HxWx1``, ``HxWx3`` or
-            ``HxWx4`` (alpha dropped, gray repeated to RGB).
+        image: file path (read as ``predict`` reads it, with ``read_options``: EXIF orientation
+            applied, 16-bit scaled), PIL image, ``uint8`` numpy array ``HxW``, ``HxWx1``,
+            ``HxWx3`` or ``HxWx4`` (alpha dropped, gray repeated to RGB), or float array in [0, 1].
         anomaly_map: float ``[H', W']`` numpy array or torch tensor (leading size-1 axes are
             dropped). If ``(H', W') != (H, W)`` it is resized to the image size with PIL's
             bilinear 32-bit float resize; the colour range is taken from the map before resizing.
@@ -376,6 +384,8 @@ def overlay(
             regions, ``contour_width`` pixels thick, is drawn on top in ``contour_color``.
         contour_color: RGB of the outline, integers in [0, 255].
         contour_width: outline thickness in pixels (>= 1).
+        read_options: how a file ``image`` is read (:class:`~anomalyclip.ImageReadOptions`);
+            give the ones ``predict`` used so that a 12-bit image shows as it was scored.
 
     Returns:
         RGB ``PIL.Image.Image`` of size ``(W, H)``.
@@ -390,7 +400,7 @@ def overlay(
         raise InvalidInputError(f"contour_width must be an integer >= 1 (pixels), got {contour_width!r}.")
     table = _table(cmap)
     color = _check_color(contour_color)
-    rgb = _as_rgb(image)
+    rgb = _as_rgb(image, read_options)
     values = _as_map(anomaly_map)
     height, width = rgb.shape[:2]
     lo, hi = _resolve_range(values, vmin, vmax)

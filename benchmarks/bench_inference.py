@@ -859,7 +859,7 @@ def _measure_predict(
         paths = write_predict_images(Path(tmp), args.predict, args.predict_image_size, workers=max(1, auto))
         start = time.perf_counter()
         for p in paths[:16]:
-            model._load_and_preprocess(p)
+            model._preprocess_prepared(model._prepare(p))  # what a prefetch worker does per image
         preprocess_images_per_s = min(16, len(paths)) / (time.perf_counter() - start)
         with torch.inference_mode():
             for label, workers in ((f"predict, num_workers=None ({auto} threads)", None), ("predict, num_workers=0", 0)):

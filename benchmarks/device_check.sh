@@ -3,10 +3,12 @@
 # network access, install what is missing from .whl/ (benchmarks/fetch_device_wheels.sh fills it
 # where there is network), run the tests marked `cuda`, the inference benchmark (ViT-L/14@336-sized
 # random model at 518 px; float32, float16, bfloat16, float8 (issue 23); batch 1, 8, 32; the
-# official-style forward; CUDA graphs; a profile; predict from PNG files) and the precision
-# comparison, print the markdown tables for docs/benchmarks.md, and write the run's headline
-# figures as one JSON record (benchmarks/device_results.py; issue 23). About 4 minutes expected on
-# an H100 (the steps' time limits add up to under 7 minutes; --compile adds up to 4 more).
+# official-style forward; CUDA graphs; a profile; predict from PNG files), the end-to-end CLI
+# predict against the forward (bench_pipeline: 1024 px PNG and JPEG folders, bfloat16, batch 32)
+# and the precision comparison, print the markdown tables for docs/benchmarks.md, and write the
+# run's headline figures as one JSON record (benchmarks/device_results.py; issue 23). About 5
+# minutes expected on an H100 (the steps' time limits add up to under 9 minutes; --compile adds
+# up to 4 more).
 #
 # Usage:
 #   bash benchmarks/device_check.sh              # GPU run
@@ -115,6 +117,9 @@ if [ "$dry_run" -eq 1 ]; then
         --batch-sizes 1,2 --mode both --repeats 1 --warmup 0 --cuda-graph 1 --profile 2 --profile-out "$LOG/profile.txt" \
         --gemm-size 256 --gemm-seconds 0.02 --predict 4 --predict-image-size 96 \
         --json "$LOG/bench.json" --markdown "$LOG/bench.md"
+    step "bench_pipeline (cpu, tiny)" 180 "$LOG/bench.log" \
+        "$PY" benchmarks/bench_pipeline.py --device cpu --model tiny --image-size 112 --images 4 --image-px 96 \
+        --batch-size 2 --repeats 1 --threads 1 --formats png,jpeg --add-to-json "$LOG/bench.json"
     step "precision_deviation (cpu, 112 px)" 120 "$LOG/precision.log" \
         "$PY" benchmarks/precision_deviation.py --device cpu --image-size 112 --dtypes bfloat16 --threads 1
 else
@@ -124,6 +129,9 @@ else
         "$PY" benchmarks/bench_inference.py --device cuda --dtype float32,float16,bfloat16,float8 --batch-sizes 1,8,32 \
         --mode both --repeats 5 --warmup 2 --cuda-graph 1,8 --profile 1,32 --profile-out "$LOG/profile.txt" \
         --predict 128 --json "$LOG/bench.json" --markdown "$LOG/bench.md"
+    step "bench_pipeline (cuda)" 120 "$LOG/bench.log" \
+        "$PY" benchmarks/bench_pipeline.py --device cuda --dtype bfloat16 --batch-size 32 --images 128 --image-px 1024 \
+        --repeats 2 --formats png,jpeg --add-to-json "$LOG/bench.json"
     step "precision_deviation (cuda)" 50 "$LOG/precision.log" \
         "$PY" benchmarks/precision_deviation.py --device cuda --dtypes float16,bfloat16,float8 --large --large-batch 2
     if [ "$compile" -eq 1 ]; then
@@ -156,6 +164,10 @@ echo "$results_out"
     echo
     grep -E "^(profile |  (by kind|GPU|CPU| +[0-9.]+ ms))" "$LOG/bench.log" | head -n 26 | cut -c1-150 | sed 's/^/    /'
     grep -E "CUDA graph|ours vs official-style|predict, num_workers" "$LOG/bench.log" | grep -v "^|" | head -n 14 | cut -c1-150 | sed 's/^/    /'
+    echo
+    echo "## end-to-end predict (bench_pipeline: CLI run vs the forward alone)"
+    echo
+    grep -E "of the forward" "$LOG/bench.log" | cut -c1-150 | sed 's/^/    /'
     echo
     echo "## precision (max |difference|)"
     echo

@@ -7,8 +7,10 @@
 - ``forward_bf16_b32_images_per_s`` / ``forward_float8_b32_images_per_s``: the library's forward,
   batch 32, bfloat16 / ``dtype="float8"`` (median; null if not measured);
 - ``gemm_bf16_tflops``: the best bfloat16 reference GEMM of the same run;
-- ``predict_png_images_per_s``: ``predict`` from PNG files (default workers), null if not run;
-  ``predict_jpeg_images_per_s`` and ``serve_requests_per_s``: null until the device check measures them;
+- ``predict_png_images_per_s`` / ``predict_jpeg_images_per_s``: the end-to-end CLI ``predict``
+  (``--no-overlays``) from 1024 px PNG / JPEG folders (bench_pipeline), else ``predict`` from PNG
+  files (bench_inference --predict), null if not run; ``serve_requests_per_s``: null until the
+  device check measures it;
 - ``forward_images_per_s``: every measured forward, ``{dtype: {batch: images/s}}``, and the
   bench command, so the history of GPU figures is data, not prose.
 
@@ -76,6 +78,11 @@ def summarize(bench: dict[str, Any], *, dry_run: bool = False, commit: str | Non
     gemms = bench.get("gemm_flops_per_s", {}).get("bfloat16", {})
     predict = bench.get("predict") or {}
     png = [r["images_per_s"] for r in predict.get("rows", []) if "num_workers=None" in r.get("label", "")]
+    pipeline = (bench.get("pipeline") or {}).get("formats", {})  # bench_pipeline --add-to-json: the CLI end to end
+
+    def end_to_end(fmt: str) -> float | None:
+        row = pipeline.get(fmt, {}).get("cli --no-overlays")
+        return round(float(row["images_per_s"]), 2) if row else None
     forwards: dict[str, dict[str, float]] = {}
     for r in rows:
         if r.get("mode") == "ours":
@@ -87,8 +94,8 @@ def summarize(bench: dict[str, Any], *, dry_run: bool = False, commit: str | Non
         "forward_bf16_b32_images_per_s": _forward(rows, "bfloat16", 32),
         "forward_float8_b32_images_per_s": _forward(rows, "float8", 32),
         "gemm_bf16_tflops": round(max(gemms.values()) / 1e12, 2) if gemms else None,
-        "predict_png_images_per_s": round(float(png[0]), 2) if png else None,
-        "predict_jpeg_images_per_s": None,
+        "predict_png_images_per_s": end_to_end("png") or (round(float(png[0]), 2) if png else None),
+        "predict_jpeg_images_per_s": end_to_end("jpeg"),
         "serve_requests_per_s": None,
         "date": date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "dry_run": dry_run,

@@ -59,7 +59,12 @@ def test_predict_errors_exit_2_with_a_message(converted, tmp_path, capsys):
     assert "No images found" in capsys.readouterr().err
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"garbage")
-    assert main(["-q", "predict", str(bad), "--model", str(converted), "--out", str(tmp_path / "o")]) == 2
+    # An unreadable image is an error row and exit status 1; --strict stops with status 2.
+    assert main(["-q", "predict", str(bad), "--model", str(converted), "--out", str(tmp_path / "o")]) == 1
+    rows = list(csv.DictReader(open(tmp_path / "o" / "scores.csv")))
+    assert len(rows) == 1 and rows[0]["score"] == "" and "Cannot read image" in rows[0]["error"]
+    capsys.readouterr()
+    assert main(["-q", "predict", str(bad), "--model", str(converted), "--out", str(tmp_path / "s"), "--strict"]) == 2
     assert "bad.png" in capsys.readouterr().err
 
 

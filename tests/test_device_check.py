@@ -31,7 +31,7 @@ def test_device_check_dry_run(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == LOGS  # what a remote run brings back: at most 8 files
 
     summary = (tmp_path / "summary.md").read_text()
-    assert summary.count(": exit 0 in ") == 3  # the three steps
+    assert summary.count(": exit 0 in ") == 4  # the four steps
     assert re.search(r"\b\d+ skipped\b", summary) and " failed" not in summary  # the CUDA tests, without a GPU
     for dtype in ("float32", "bfloat16"):
         for forward in ("anomalyclip", "official-style"):
@@ -46,6 +46,9 @@ def test_device_check_dry_run(tmp_path):
         assert row["images_per_s"] > 0 and row["flops"] > 0 and 0 < row["of_gemm"]
         assert (row["speedup"] > 0) if row["mode"] == "ours" else ("speedup" not in row)
     assert figures["predict"]["rows"][0]["images_per_s"] > 0
+    for fmt in ("png", "jpeg"):  # bench_pipeline's end-to-end figures, added to bench.json
+        assert set(figures["pipeline"]["formats"][fmt]) == {"forward", "cli --no-overlays", "cli"}
+    assert summary.count("% of the forward") == 6
     assert "CPU ops" in (tmp_path / "profile.txt").read_text()
 
     # the machine-readable record (issue 23): one file, the headline fields, nulls for what a CPU

@@ -139,7 +139,7 @@ def test_predictor_scores_like_predict_with_error_rows(saved_model, listed, refe
         maps="npy", map_dir=f"file://{tmp_path}/maps", overlay_dir=tmp_path / "overlays", io_threads=2,
     )
     table = predictor(_batch(listed, index=np.arange(len(listed))))
-    assert table.column_names == ["index", "path", "score", "label", "error", "map_path", "overlay"]
+    assert table.column_names == ["index", "path", "score", "label", "anomalous_fraction", "error", "map_path", "overlay"]
     rows = table.to_pylist()
     assert [r["path"] for r in rows] == listed and [r["index"] for r in rows] == list(range(len(listed)))
     for r in rows:
@@ -349,7 +349,8 @@ def test_cli_ray_writes_the_single_process_files(ray_cluster, saved_model, tmp_p
     assert main(["-q", "predict", str(images), "--out", str(tmp_path / "ray"), "--ray", "--workers", "2", "--batch-size", "2", *common]) == 0
 
     single, ray_rows = _read_csv(tmp_path / "single" / "scores.csv"), _read_csv(tmp_path / "ray" / "scores.csv")
-    assert list(ray_rows[0]) == list(single[0]) == ["image", "score", "overlay", "label"]
+    assert list(ray_rows[0]) == list(single[0]) == ["image", "score", "overlay", "label", "anomalous_fraction", "error"]
+    assert max(abs(float(a["anomalous_fraction"]) - float(b["anomalous_fraction"])) for a, b in zip(ray_rows, single)) <= 1e-3
     assert [(r["image"], r["overlay"], r["label"]) for r in ray_rows] == [(r["image"], r["overlay"], r["label"]) for r in single]
     assert max(abs(float(a["score"]) - float(b["score"])) for a, b in zip(ray_rows, single)) <= TOL
     ray_json = json.loads((tmp_path / "ray" / "scores.json").read_text())
@@ -362,7 +363,7 @@ def test_cli_ray_writes_the_single_process_files(ray_cluster, saved_model, tmp_p
         b = np.asarray(Image.open(tmp_path / "ray" / r["overlay"]), dtype=int)
         assert a.shape == b.shape and np.abs(a - b).max() <= 2 and (a != b).any(axis=2).mean() < 1e-3
     table = pq.read_table(tmp_path / "ray" / "scores.parquet")
-    assert table.column_names == ["image", "score", "overlay", "label", "error"]
+    assert table.column_names == ["image", "score", "overlay", "label", "anomalous_fraction", "error"]
     assert table.column("image").to_pylist() == [r["image"] for r in single]
     assert np.allclose(table.column("score").to_numpy(), [float(r["score"]) for r in single], atol=TOL)
 

@@ -109,6 +109,7 @@ _MODEL_LAYER = (
     "anomalyclip.files",
     "anomalyclip.runtime",
     "anomalyclip.hub",
+    "anomalyclip.decoding",
     "anomalyclip.preprocessing",
     "anomalyclip.outputs",
     "anomalyclip.ops",

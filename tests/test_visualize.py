@@ -360,7 +360,14 @@ def test_unknown_cmap_lists_available() -> None:
 def test_bad_images(tmp_path: Path) -> None:
     amap = np.zeros((3, 3))
     with pytest.raises(InvalidInputError, match="uint8"):
-        overlay(np.zeros((4, 4, 3), np.float32), amap)
+        overlay(np.zeros((4, 4, 3), np.int64), amap)
+    with pytest.raises(InvalidInputError, match=r"\[0, 1\]"):
+        overlay(np.full((4, 4, 3), 2.0, np.float32), amap)
+    # float images in [0, 1] (what load_image gives for 16-bit files) show as their 8-bit rounding
+    shades = np.linspace(0, 1, 48, dtype=np.float32).reshape(4, 4, 3)
+    assert np.array_equal(
+        np.asarray(overlay(shades, amap, alpha=0.0)), np.asarray(overlay(np.round(shades * 255).astype(np.uint8), amap, alpha=0.0))
+    )
     with pytest.raises(InvalidInputError, match=r"\(4, 4, 2\)"):
         overlay(np.zeros((4, 4, 2), np.uint8), amap)
     with pytest.raises(InvalidInputError, match="file path"):

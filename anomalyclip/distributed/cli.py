@@ -19,15 +19,37 @@ from typing import Any
 from ..errors import AnomalyCLIPError, InvalidInputError
 from ._deps import require_pyarrow, require_ray
 
-__all__ = ["predict_with_ray", "start_ray", "default_workers"]
+__all__ = ["predict_with_ray", "start_ray", "default_workers", "quiet_ray_logs"]
 
 logger = logging.getLogger("anomalyclip.cli")
 
 
-def start_ray(ray: Any, address: str | None, *, quiet: bool = False) -> bool:
+class _DropRayNotices(logging.Filter):
+    """Drops Ray's start-up notices that say nothing about this run (``-v`` shows them)."""
+
+    NOTICES = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's own log lines out of a normal run's output: Ray Data's INFO lines (its plan,
+    and a progress line every 10 s when the output is not a terminal) and start-up notices that
+    say nothing about the run. Ray Data's progress bars still show on a terminal, and warnings
+    and errors still show. Call before ``ray.init``; ``-v`` skips it."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        notices = logging.getLogger(name)
+        if not any(isinstance(f, _DropRayNotices) for f in notices.filters):
+            notices.addFilter(_DropRayNotices())
+
+
+def start_ray(ray: Any, address: str | None, *, quiet: bool = False, verbose: bool = False) -> bool:
     """Connect to ``address``, or start a local Ray on this machine's cores; reuse a running one.
 
-    Returns True when this call started (or connected) Ray and should shut it down.
+    Ray logs at WARNING (INFO with ``verbose``); the workers' log lines reach the driver unless
+    ``quiet``. Returns True when this call started (or connected) Ray and should shut it down.
     """
     if ray.is_initialized():
         if address is not None:
@@ -35,7 +57,7 @@ def start_ray(ray: Any, address: str | None, *, quiet: bool = False) -> bool:
         return False
     options: dict[str, Any] = dict(
         include_dashboard=False,
-        logging_level=logging.WARNING if quiet else logging.INFO,
+        logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=not quiet,  # the workers' own log lines (error rows are in scores.csv anyway)
     )
     if address is None:
@@ -60,17 +82,20 @@ def default_workers(ray: Any, *, cpus_per_worker: float, gpus_per_worker: float,
 def _rows(table: Any) -> tuple[list[dict], list[dict]]:
     """CSV/JSON rows (the single-process format) and typed Parquet rows, in input order."""
     rows, typed = [], []
-    has_errors = table.column("error").null_count < table.num_rows
     has_labels = table.column("label").null_count < table.num_rows  # when an image threshold applies
+    has_fractions = table.column("anomalous_fraction").null_count < table.num_rows  # a pixel threshold
     for r in table.to_pylist():
         ok = r["error"] is None
         row: dict[str, Any] = {"image": r["path"], "score": round(r["score"], 6) if ok else None, "overlay": r["overlay"]}
         if has_labels:
             row["label"] = r["label"]
-        if has_errors:
-            row["error"] = r["error"]
+        if has_fractions:
+            row["anomalous_fraction"] = round(r["anomalous_fraction"], 6) if ok else None
+        row["error"] = r["error"]  # always, as the single-process run (empty when scored)
         rows.append(row)
         typed.append({**row, "score": r["score"], "error": r["error"]})
+        if has_fractions:
+            typed[-1]["anomalous_fraction"] = r["anomalous_fraction"]
     return rows, typed
 
 
@@ -83,6 +108,8 @@ def _write_parquet(path: Path, typed_rows: list[dict]) -> None:
     fields = [pa.field("image", pa.string()), pa.field("score", pa.float64()), pa.field("overlay", pa.string())]
     if "label" in typed_rows[0]:
         fields.append(pa.field("label", pa.int64()))
+    if "anomalous_fraction" in typed_rows[0]:
+        fields.append(pa.field("anomalous_fraction", pa.float64()))
     fields.append(pa.field("error", pa.string()))
     schema = pa.schema(fields)
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in fields} for r in typed_rows], schema=schema)
@@ -92,8 +119,8 @@ def _write_parquet(path: Path, typed_rows: list[dict]) -> None:
 
 def predict_with_ray(args: argparse.Namespace) -> int:
     """Run ``anomalyclip predict --ray`` (``args`` from :func:`anomalyclip.cli.build_parser`)."""
-    from ..predict_io import model_options, write_scores
-    from .ray_predict import find_library_error, predict_dataset
+    from ..predict_io import model_options, read_options, write_scores
+    from .ray_predict import find_library_error, predict_dataset, split_work
     from .sources import list_images
 
     ray = require_ray()
@@ -103,17 +130,35 @@ def predict_with_ray(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     cpus = 1.0 if args.cpus_per_worker is None else args.cpus_per_worker
     gpus = 0.0 if args.gpus_per_worker is None else args.gpus_per_worker
+    reading = read_options(args)
     images = list_images(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    verbose = bool(getattr(args, "verbose", False))
+    if not verbose:
+        quiet_ray_logs()
     ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
     started_at = time.perf_counter()
-    started = start_ray(ray, args.ray_address, quiet=args.quiet)
+    started = start_ray(ray, args.ray_address, quiet=args.quiet, verbose=verbose)
     try:
         n_batches = -(-len(images) // args.batch_size)
-        workers = min(args.workers, n_batches) if args.workers else default_workers(
-            ray, cpus_per_worker=cpus, gpus_per_worker=gpus, n_batches=n_batches
-        )
+        if args.workers:
+            call_rows, workers = split_work(len(images), args.batch_size, args.workers)
+            if workers < args.workers:
+                logger.info("Only %d images: %d Ray workers instead of %d", len(images), workers, args.workers)
+            elif call_rows < args.batch_size:
+                logger.info(
+                    "%d images fill %d batch(es) of %d: calls of %d images so that all %d workers get work",
+                    len(images), n_batches, args.batch_size, call_rows, workers,
+                )
+        else:
+            fit = default_workers(ray, cpus_per_worker=cpus, gpus_per_worker=gpus, n_batches=len(images))
+            workers = min(fit, n_batches)
+            if workers < fit:
+                logger.info(
+                    "%d images fill %d batch(es) of %d: %d Ray worker(s), one per batch (--workers N splits them further)",
+                    len(images), n_batches, args.batch_size, workers,
+                )
         logger.info("Scoring %d images on %d Ray workers", len(images), workers)
         ds = predict_dataset(
             images,
@@ -128,7 +173,8 @@ def predict_with_ray(args: argparse.Namespace) -> int:
             references=args.references,
             coreset=args.coreset,
             tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
+            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
+            read_options=reading,
             maps=None,
             overlay_dir=out,
             overlay_alpha=args.alpha,

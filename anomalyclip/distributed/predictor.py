@@ -2,7 +2,8 @@
 
 Each actor loads the model once (``AnomalyCLIP.from_pretrained``) and turns batches of rows into
 one output row per input row. It reuses the library's own path: images are decoded like
-``anomalyclip predict`` does (Pillow, from the file), scored with :meth:`AnomalyCLIP.predict`
+``anomalyclip predict`` does (:func:`anomalyclip.preprocessing.load_image`, with the same
+:class:`~anomalyclip.ImageReadOptions`: EXIF orientation, 16-bit scaling), scored with :meth:`AnomalyCLIP.predict`
 (one preprocessing, one forward, one :class:`~anomalyclip.AnomalyResult` per image), and the
 overlays are those of :func:`anomalyclip.visualize.overlay`.
 
@@ -11,12 +12,12 @@ Input columns (a batch in Ray's ``"numpy"`` format):
 ``path`` (required)
     Local path or URI of the image; names the image in the output.
 ``bytes`` (optional; ``ray.data.read_binary_files(..., include_paths=True)``)
-    The encoded file, decoded with Pillow exactly as a file on disk would be.
+    The encoded file, decoded exactly as a file on disk would be.
 ``image`` (optional; ``ray.data.read_images(..., include_paths=True)``)
     Arrays already decoded by Ray, of any size (``HxW``, ``HxWx3``, ``HxWx4``, ``uint8``). Ray
-    decodes with ``np.asarray(PIL image)``: palette (``P``) images become index arrays and 16-bit
-    images ``uint16`` arrays, so prefer paths or bytes for numbers identical to the
-    single-process run; or pass ``mode="RGB"`` to ``read_images``.
+    decodes with ``np.asarray(PIL image)``: palette (``P``) images become index arrays and EXIF
+    orientation is not applied (``uint16`` arrays are scaled as the read options say), so prefer
+    paths or bytes for numbers identical to the single-process run.
 ``index`` (optional)
     The input's position; carried to the output, names the map files, and lets you check that
     every input appears exactly once.
@@ -38,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import AnomalyCLIPError, ImageLoadError, InvalidInputError
+from ..errors import AnomalyCLIPError, InvalidInputError
 from .maps import MAP_FORMATS, encode_map, map_suffix
 from .sources import FileAccess
 
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 #: Output columns, always present: the input position (null when the input had no ``index``),
 #: the path, the image score (null for error rows), the label (``score > image_threshold``;
 #: null without a threshold or on error) and the error message (null when the image was scored).
-OUTPUT_COLUMNS: tuple[str, ...] = ("index", "path", "score", "label", "error")
+OUTPUT_COLUMNS: tuple[str, ...] = ("index", "path", "score", "label", "anomalous_fraction", "error")
 
 
 def output_schema(maps: str | None, map_dir: Any, overlays: bool):
@@ -66,6 +67,7 @@ def output_schema(maps: str | None, map_dir: Any, overlays: bool):
         pa.field("path", pa.string()),
         pa.field("score", pa.float64()),
         pa.field("label", pa.int64()),
+        pa.field("anomalous_fraction", pa.float64()),  # of the pixels above the pixel threshold
         pa.field("error", pa.string()),
     ]
     if maps is not None:
@@ -75,19 +77,25 @@ def output_schema(maps: str | None, map_dir: Any, overlays: bool):
     return pa.schema(fields)
 
 
-def _decode_image(data: bytes, name: str):
-    """Decode an image file's bytes with Pillow, as :func:`anomalyclip.preprocessing.load_image` does."""
-    from PIL import Image, UnidentifiedImageError
+def _decode_image(data: bytes, name: str, options: Any = None):
+    """Decode an image file's bytes with :func:`anomalyclip.preprocessing.load_image` (the one decoder
+    of every mode: EXIF orientation, 16-bit scaling, palette conversion, the pixel limit)."""
+    from ..preprocessing import load_image
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(
-            f"Cannot read image '{name}': {exc}. The file may be truncated or not an image "
-            "format Pillow can decode (PNG, JPEG, BMP, TIFF, ...)."
-        ) from exc
+    return load_image(data, options, name=name)
+
+
+def _read_options(value: Any):
+    """An :class:`~anomalyclip.ImageReadOptions` from itself, its ``to_dict()`` form or None (defaults)."""
+    from ..decoding import ImageReadOptions
+
+    if value is None:
+        return ImageReadOptions()
+    if isinstance(value, ImageReadOptions):
+        return value
+    if isinstance(value, Mapping):
+        return ImageReadOptions.from_dict(dict(value))
+    raise InvalidInputError(f"read_options must be an ImageReadOptions, its to_dict() form or None, got {type(value).__name__}.")
 
 
 def _stem(path: str) -> str:
@@ -134,6 +142,10 @@ class AnomalyCLIPPredictor:
         references: normal reference images (paths or URIs) that each actor adds with
             :meth:`AnomalyCLIP.add_references` after loading (few-shot); ``coreset`` as there.
         tile_size, tile_overlap: tiling of large images, as in :meth:`AnomalyCLIP.predict`.
+        read_options: how image files (and ``image`` arrays wider than 8 bits) are read: an
+            :class:`~anomalyclip.ImageReadOptions` or its ``to_dict()`` form; None: defaults.
+            Decoding is :func:`anomalyclip.preprocessing.load_image`'s, so both modes give the
+            same numbers for the same files.
         **from_pretrained_kwargs: any other :meth:`AnomalyCLIP.from_pretrained` option
             (``device``, ``dtype``, ``image_size``, ``feature_layers``, ``revision``, ``cache_dir``...).
 
@@ -162,6 +174,7 @@ class AnomalyCLIPPredictor:
         coreset: float | None = None,
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
+        read_options: Any = None,
         **from_pretrained_kwargs: Any,
     ) -> None:
         from ..model import AnomalyCLIP
@@ -170,6 +183,7 @@ class AnomalyCLIPPredictor:
         self.image_threshold, self.pixel_threshold, self.thresholds = _check_thresholds(
             image_threshold, pixel_threshold, thresholds
         )
+        self.read_options = _read_options(read_options)
         self.batch_size = batch_size
         self.maps = maps
         self.map_dir = os.fspath(map_dir) if map_dir is not None else None
@@ -205,17 +219,18 @@ class AnomalyCLIPPredictor:
 
     def _load(self, row: tuple[str, Any, Any]) -> tuple[Any, str | None]:
         """``(image, None)`` or ``(None, reason)`` for one input row ``(path, bytes, image array)``."""
+        from ..preprocessing import load_image, prepare_image
+
         path, data, array = row
         try:
-            if array is not None:
-                return np.asarray(array), None
+            if array is not None:  # decoded by Ray: only the scaling of wide samples is left to do
+                prepared = prepare_image(np.asarray(array), self.read_options)
+                return (prepared.pil if prepared.pil is not None else prepared.array), None
             if data is not None:
-                return _decode_image(bytes(data), path), None
+                return _decode_image(bytes(data), path, self.read_options), None
             if self.files.is_remote(path):
-                return _decode_image(self.files.read(path), path), None
-            from ..preprocessing import load_image
-
-            return load_image(path), None
+                return _decode_image(self.files.read(path), path, self.read_options), None
+            return load_image(path, self.read_options), None
         except AnomalyCLIPError as exc:
             return None, str(exc)
 
@@ -230,8 +245,10 @@ class AnomalyCLIPPredictor:
         return [(None, r.error) if r.error is not None else (r, None) for r in results]
 
     def _reference(self, path: str):
-        """A reference image: decoded here for a URI, given as a path (read by the model) otherwise."""
-        return _decode_image(self.files.read(path), path) if self.files.is_remote(path) else path
+        """A reference image (path or URI), decoded here with the read options."""
+        from ..preprocessing import load_image
+
+        return _decode_image(self.files.read(path), path, self.read_options) if self.files.is_remote(path) else load_image(path, self.read_options)
 
     def _map_name(self, index: int | None, path: str) -> str:
         if index is not None:
@@ -315,6 +332,7 @@ class AnomalyCLIPPredictor:
             "path": paths,
             "score": [r.score if r is not None else None for r in results],
             "label": [r.label if r is not None else None for r in results],
+            "anomalous_fraction": [float(np.mean(r.mask)) if r is not None and r.mask is not None else None for r in results],
             "error": errors,
         }
         if self._map_column is not None:

@@ -9,10 +9,10 @@ from typing import Any, Sequence
 
 from ..errors import AnomalyCLIPError, InvalidInputError
 from ._deps import require_ray
-from .predictor import AnomalyCLIPPredictor, _check_thresholds, check_predictor_options
+from .predictor import AnomalyCLIPPredictor, _check_thresholds, _read_options, check_predictor_options
 from .sources import list_images
 
-__all__ = ["predict_dataset", "images_dataset", "find_library_error"]
+__all__ = ["predict_dataset", "images_dataset", "find_library_error", "split_work"]
 
 #: At most this many input blocks (a block is one actor task; a killed actor's task is redone whole).
 _MAX_BLOCKS = 10_000
@@ -38,6 +38,17 @@ def images_dataset(paths: Sequence[str], *, batch_size: int = 8, overlay_names: 
     context.execution_options.preserve_order = True
     context.raise_original_map_exception = True  # an actor's AnomalyCLIPError reaches the driver as one
     return ds
+
+
+def split_work(n_images: int, batch_size: int, workers: int) -> tuple[int, int]:
+    """``(rows per actor call, actors)`` so that every actor asked for gets work.
+
+    At most one actor per image; an actor call takes ``batch_size`` rows, fewer when the images
+    would otherwise fill fewer calls than there are actors (6 images, batch 8, 2 actors: calls of
+    3 rows, one per actor). The forward batch inside an actor stays ``batch_size``.
+    """
+    actors = max(1, min(workers, n_images))
+    return max(1, min(batch_size, math.ceil(n_images / actors))), actors
 
 
 def _actor_pool(ray: Any, concurrency: int | tuple[int, int]):
@@ -90,6 +101,7 @@ def predict_dataset(
     coreset: float | None = None,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
+    read_options: Any = None,
     map_batches_options: dict[str, Any] | None = None,
     **from_pretrained_kwargs: Any,
 ):
@@ -103,8 +115,11 @@ def predict_dataset(
             ``anomalyclip predict`` does, and numbered ``index`` 0..N-1 in that order; each actor
             reads its own files.
         model: preset, ``save_pretrained`` directory (visible to every node) or Hub repo id.
-        batch_size: images per actor call and per forward pass.
-        concurrency: number of actors (models), or ``(min, max)`` to autoscale.
+        batch_size: images per forward pass, and per actor call (for paths and lists, fewer
+            per call when there are fewer batches than actors, so that every actor gets work:
+            :func:`split_work`).
+        concurrency: number of actors (models), or ``(min, max)`` to autoscale; for paths and
+            lists at most one per image.
         num_gpus: GPUs per actor (e.g. 1: one model per GPU); 0 runs on CPUs.
         num_cpus: CPUs per actor (its torch threads and its reading threads share them).
         image_threshold, pixel_threshold, thresholds: decisions, as in :meth:`AnomalyCLIP.predict`
@@ -121,6 +136,8 @@ def predict_dataset(
             driver and added by each actor after loading (few-shot; :meth:`AnomalyCLIP.add_references`,
             ``coreset`` as there). A model folder saved with references needs none.
         tile_size, tile_overlap: tiling of large images, as in :meth:`AnomalyCLIP.predict`.
+        read_options: how the actors read image files (:class:`~anomalyclip.ImageReadOptions`,
+            as in :meth:`AnomalyCLIP.predict`; EXIF orientation, 16-bit scaling, pixel limit).
         map_batches_options: more ``Dataset.map_batches`` options (``accelerator_type``,
             ``resources``, ``memory``, ``runtime_env``...). Ray Data's actor pool restarts an actor
             that dies and retries its batch, without limit, by default.
@@ -142,6 +159,7 @@ def predict_dataset(
     ray = require_ray()
     check_predictor_options(batch_size=batch_size, maps=maps, io_threads=io_threads, overlay_alpha=overlay_alpha)
     _check_thresholds(image_threshold, pixel_threshold, thresholds)
+    read_options = _read_options(read_options)
     for name, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise InvalidInputError(f"{name} must be a number >= 0 (per actor), got {value!r}.")
@@ -150,18 +168,20 @@ def predict_dataset(
 
     if isinstance(source, ray.data.Dataset):
         ds = source
+        call_rows = batch_size
     else:
         from ..predict_io import overlay_names
 
         paths = list_images(source, filesystem=filesystem)
-        ds = images_dataset(paths, batch_size=batch_size, overlay_names=overlay_names(paths) if overlay_dir else None)
-        # No more actors than batches: an actor without work only loads a model.
-        n_batches = math.ceil(len(paths) / batch_size)
+        # Every actor asked for gets work: calls of fewer rows when the batches are fewer than the
+        # actors, and no more actors than images (an actor without work only loads a model).
+        top = concurrency if isinstance(concurrency, int) else concurrency[1]
+        call_rows, actors = split_work(len(paths), batch_size, top)
         if isinstance(concurrency, int):
-            concurrency = min(concurrency, n_batches)
+            concurrency = actors
         else:
-            concurrency = (min(concurrency[0], n_batches), min(concurrency[1], n_batches))
-
+            concurrency = (min(concurrency[0], actors), actors)
+        ds = images_dataset(paths, batch_size=call_rows, overlay_names=overlay_names(paths) if overlay_dir else None)
     options = dict(map_batches_options or {})
     if num_gpus:
         options["num_gpus"] = num_gpus
@@ -180,13 +200,14 @@ def predict_dataset(
         coreset=coreset,
         tile_size=tile_size,
         tile_overlap=tile_overlap,
+        read_options=read_options.to_dict(),
         **from_pretrained_kwargs,
     )
     return ds.map_batches(
         AnomalyCLIPPredictor,
         fn_constructor_args=(os.fspath(model) if model is not None else None,),
         fn_constructor_kwargs=constructor_kwargs,
-        batch_size=batch_size,
+        batch_size=call_rows,
         batch_format="numpy",
         compute=_actor_pool(ray, concurrency),
         num_cpus=num_cpus,

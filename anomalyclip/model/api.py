@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
+from ..decoding import ImageReadOptions
 from ..errors import InvalidInputError
 from ..eval.thresholds import Thresholds
 from ..options import PredictOptions
@@ -96,6 +97,7 @@ class ImageAPI:
         num_workers: int | None = None,
         tile_size: int | None = None,
         tile_overlap: float | None = None,
+        read_options: ImageReadOptions | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size.
 
@@ -105,8 +107,9 @@ class ImageAPI:
 
         Args:
             images: one image, a folder (its image files, recursively, sorted) or a list of
-                them: file paths, PIL images, numpy arrays (HxW, HxWx3, HxWx4; uint8 or float in
-                [0, 1]) or CHW tensors.
+                them: file paths (8, 16 or 32 bits, EXIF orientation applied: see
+                ``read_options``), PIL images, numpy arrays (HxW, HxWx3, HxWx4; uint8, uint16
+                scaled by 65535, or float in [0, 1]) or CHW tensors.
             batch_size: images per forward pass.
             image_threshold: results carry ``label = score > image_threshold`` (in [0, 1]).
             pixel_threshold: results carry ``mask = anomaly_map > pixel_threshold`` (in :attr:`map_range`).
@@ -127,6 +130,9 @@ class ImageAPI:
                 and the largest reference tile scores). ``batch_size`` then counts tiles.
             tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1); default
                 0.25. Only with ``tile_size`` (refused without: it would do nothing).
+            read_options: how files are read (EXIF orientation, 16-bit scaling, pixel limit):
+                an :class:`~anomalyclip.ImageReadOptions`; None: its defaults. Maps are at the
+                size of the image as read (after EXIF orientation).
 
         Returns:
             An :class:`AnomalyResult` for a single image, a list of them for a list or a folder.
@@ -148,6 +154,7 @@ class ImageAPI:
                 num_workers=num_workers,
                 tile_size=tile_size,
                 tile_overlap=tile_overlap,
+                read_options=read_options,
             )
         )
         return results[0] if single else results
@@ -165,6 +172,7 @@ class ImageAPI:
         num_workers: int | None = None,
         tile_size: int | None = None,
         tile_overlap: float | None = None,
+        read_options: ImageReadOptions | None = None,
     ) -> Iterator[AnomalyResult]:
         """Stream results: an iterator of :class:`AnomalyResult`, one per image, in input order.
 
@@ -190,6 +198,7 @@ class ImageAPI:
             tile_overlap=0.25 if tile_overlap is None else tile_overlap,
             progress=progress,
             on_error=on_error,
+            read_options=read_options,
         )
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or hasattr(images, "shape"):
             images = [images]  # one image (or one folder)
@@ -209,6 +218,7 @@ class ImageAPI:
         num_workers: int | None = None,
         tile_size: int | None = None,
         tile_overlap: float | None = None,
+        read_options: ImageReadOptions | None = None,
     ) -> Thresholds:
         """Image and pixel thresholds from images known to be normal, kept on the model.
 
@@ -226,6 +236,7 @@ class ImageAPI:
             quantile: in [0, 1].
             batch_size, num_workers: as :meth:`predict`.
             tile_size, tile_overlap: calibrate for tiled prediction (the same tiling as ``predict``).
+            read_options: how files are read, as for :meth:`predict`.
 
         Returns:
             the new :class:`~anomalyclip.Thresholds`.
@@ -240,6 +251,7 @@ class ImageAPI:
             num_workers=num_workers,
             tile_size=tile_size,
             tile_overlap=0.25 if tile_overlap is None else tile_overlap,
+            read_options=read_options,
         )
         return _calibrate(self, items, quantile=quantile, options=options)
 
@@ -254,6 +266,7 @@ class ImageAPI:
         thresholds: Thresholds | Literal[False] | None = None,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        progress: bool = True,
     ) -> Path:
         """Export the model for deployment as ONNX: one file, run by :class:`anomalyclip.onnx.OnnxAnomalyCLIP`
         with onnxruntime, numpy and Pillow (no torch).
@@ -261,7 +274,8 @@ class ImageAPI:
         Input ``pixel_values [B, 3, S, S]`` (float32, dynamic batch), outputs ``scores [B]`` and
         ``anomaly_maps [B, S, S]`` (blurred, as :meth:`forward`). Few-shot references and the
         model's :attr:`thresholds` go into the file (``thresholds=False``: none; ``image_threshold``
-        / ``pixel_threshold`` replace one of them, as in :meth:`predict`). Every option is
+        / ``pixel_threshold`` replace one of them, as in :meth:`predict`; ``progress``: a tqdm bar
+        over the export's steps). Every option is
         documented at :func:`anomalyclip.onnx.export_onnx`. Returns the path written. Needs
         ``anomalyclip[onnx]``.
         """
@@ -277,6 +291,7 @@ class ImageAPI:
             thresholds=thresholds,
             image_threshold=image_threshold,
             pixel_threshold=pixel_threshold,
+            progress=progress,
         )
 
     def finetune(self, data: Any, **options: Any):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import backbone_fingerprint, check_clip
+from ..decoding import ImageReadOptions
 from ..config import DEFAULT_BACKBONE, INFERENCE_OPTIONS, AnomalyCLIPConfig
 from ..errors import CheckpointError, InvalidInputError
 from ..eval.thresholds import Thresholds
@@ -356,16 +357,19 @@ class AnomalyCLIP(ImageAPI, nn.Module, HubPersistence):
         return self
 
     # ------------------------------------------------------------------ tensor API
-    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Images -> normalized float32 ``[B, 3, S, S]`` on the CPU (official preprocessing)."""
+    def preprocess(
+        self, images: ImageInput | Sequence[ImageInput], *, read_options: ImageReadOptions | None = None
+    ) -> torch.Tensor:
+        """Images -> normalized float32 ``[B, 3, S, S]`` on the CPU (official preprocessing;
+        files read as ``read_options`` say, see :class:`~anomalyclip.ImageReadOptions`)."""
         items = list(images) if _is_image_list(images) else [images]
         if not items:
             raise InvalidInputError("Got an empty list of images; pass at least one image.")
-        prepared = [self._prepare(img) for img in items]
+        prepared = [self._prepare(img, read_options) for img in items]
         return torch.stack([self._preprocess_prepared(p) for p in prepared])
 
-    def _prepare(self, image: ImageInput) -> PreparedImage:
-        return check_image_size(prepare_image(image), self.patch_size)
+    def _prepare(self, image: ImageInput, read_options: ImageReadOptions | None = None) -> PreparedImage:
+        return check_image_size(prepare_image(image, read_options), self.patch_size)
 
     def _preprocess_prepared(self, prepared: PreparedImage) -> torch.Tensor:
         return preprocess_image(prepared, self.config.image_size, self.config.mean, self.config.std)

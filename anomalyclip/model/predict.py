@@ -99,33 +99,42 @@ def _to_pinned_host(x: torch.Tensor) -> torch.Tensor:
 
 
 class _StagedBatch:
-    """One batch's results on their way to the host: maps resized to each image's size and
-    copied back asynchronously (on CUDA, into pinned memory, ordered before the next batch's
-    forward on the stream); :meth:`collect` waits for the copies."""
+    """One batch's results on their way to the host: maps resized to each image's size on the
+    model's device, then scores and maps copied back in one transfer (on CUDA, asynchronously into
+    pinned memory, ordered before the next batch's forward on the stream); :meth:`collect` waits
+    for the copy and splits it."""
 
-    def __init__(self, scores: torch.Tensor, maps: list[torch.Tensor], event: Any) -> None:
-        self.scores, self.maps, self.event = scores, maps, event
+    def __init__(self, flat: torch.Tensor, sizes: list[tuple[int, int]], event: Any) -> None:
+        self.flat, self.sizes, self.event = flat, sizes, event
 
     @classmethod
-    def stage(cls, out: AnomalyOutput, sizes: list[tuple[int, int]]) -> "_StagedBatch":
+    def stage(cls, out: AnomalyOutput, sizes: list[tuple[int, int]]) -> "_StagedBatch | _Done":
         maps = [
             F.interpolate(out.anomaly_maps[i][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
             for i, size in enumerate(sizes)
         ]
-        scores = out.scores.float()
-        if scores.device.type != "cuda":
-            return cls(scores.cpu(), [m.float().cpu() for m in maps], None)
-        scores, maps = _to_pinned_host(scores), [_to_pinned_host(m.float()) for m in maps]
+        if out.scores.device.type == "cpu":  # nothing to transfer: each map its own array
+            return _Done(out.scores.float().numpy().astype(np.float64), [m.float().numpy() for m in maps])  # type: ignore[return-value]
+        # maps, then the B scores, in one float32 buffer: a single device-to-host copy per batch
+        flat = torch.cat([m.float().reshape(-1) for m in maps] + [out.scores.float().reshape(-1)])
+        if flat.device.type != "cuda":
+            return cls(flat.cpu(), sizes, None)
+        flat = _to_pinned_host(flat)
         event = torch.cuda.Event()
         event.record()
-        return cls(scores, maps, event)
+        return cls(flat, sizes, event)
 
     def collect(self) -> tuple[np.ndarray, list[np.ndarray]]:
         if self.event is not None:
             self.event.synchronize()
-        copy = self.event is not None  # the copies are in pinned memory: hand out ordinary arrays
-        maps = [np.array(m.numpy(), dtype=np.float32, copy=True) if copy else m.numpy().astype(np.float32, copy=False) for m in self.maps]
-        return self.scores.numpy().astype(np.float64), maps
+        host = self.flat.numpy()
+        copy = self.event is not None  # the copy is in pinned memory: hand out ordinary arrays
+        maps, offset = [], 0
+        for h, w in self.sizes:
+            view = host[offset : offset + h * w].reshape(h, w)
+            maps.append(np.array(view, copy=True) if copy else view)
+            offset += h * w
+        return host[offset:].astype(np.float64), maps
 
 
 class _Done:
@@ -139,11 +148,11 @@ class _Done:
 class TorchBackend:
     """The torch model for :func:`~anomalyclip.predictor.predict_stream`: whole images at S x S."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    def __init__(self, model: Any, read_options: Any = None) -> None:
+        self.model, self.read_options = model, read_options
 
     def load(self, image: Any) -> tuple[tuple[int, int], torch.Tensor]:
-        prepared = self.model._prepare(image)
+        prepared = self.model._prepare(image, self.read_options)
         return prepared.size, self.model._preprocess_prepared(prepared)
 
     def submit(self, pixels: list[torch.Tensor], sizes: list[tuple[int, int]]) -> _StagedBatch:
@@ -155,11 +164,12 @@ class TorchBackend:
 class TiledTorchBackend:
     """The torch model with tiles: each image cut into tiles run at S x S, the maps blended."""
 
-    def __init__(self, model: Any, tile_size: int, tile_overlap: float, batch_size: int) -> None:
+    def __init__(self, model: Any, tile_size: int, tile_overlap: float, batch_size: int, read_options: Any = None) -> None:
         self.model, self.tile_size, self.tile_overlap, self.batch_size = model, tile_size, tile_overlap, batch_size
+        self.read_options = read_options
 
     def load(self, image: Any) -> tuple[tuple[int, int], Any]:
-        prepared = self.model._prepare(image)
+        prepared = self.model._prepare(image, self.read_options)
         return prepared.size, prepared
 
     def submit(self, pixels: list[Any], sizes: list[tuple[int, int]]) -> _Done:
@@ -219,10 +229,12 @@ def predict_iter(
     """``model.predict_iter`` (documented there), thresholds already resolved."""
     if options.tile_size is not None:
         model._check_tile_size(options.tile_size)
-        backend: Any = TiledTorchBackend(model, options.tile_size, options.tile_overlap, options.batch_size)
+        backend: Any = TiledTorchBackend(
+            model, options.tile_size, options.tile_overlap, options.batch_size, options.read_options
+        )
         batch_size = 1
     else:
-        backend, batch_size = TorchBackend(model), options.batch_size
+        backend, batch_size = TorchBackend(model, options.read_options), options.batch_size
     _warn_reference_scale(model, options.tile_size)
     return predict_stream(
         backend,
@@ -248,7 +260,7 @@ def calibrate(model: Any, items: list[Any], *, quantile: float, options: Predict
     if options.tile_size is None:
         size = model.config.image_size
         maps = np.empty((len(items), size, size), dtype=np.float32)
-        backend = TorchBackend(model)
+        backend = TorchBackend(model, options.read_options)
         for start in range(0, len(items), options.batch_size):
             chunk = [backend.load(item) for item in items[start : start + options.batch_size]]
             with torch.inference_mode():

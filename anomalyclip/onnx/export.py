@@ -265,6 +265,7 @@ def export_onnx(
     thresholds: Any = None,
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write ``model`` as one ONNX file for :class:`~anomalyclip.onnx.OnnxAnomalyCLIP` (or any onnxruntime).
 
@@ -300,6 +301,9 @@ def export_onnx(
             ``False``: none.
         image_threshold, pixel_threshold: store these instead, field by field (the other field
             still comes from ``thresholds``), as ``AnomalyCLIP.predict`` applies them.
+
+    ``progress`` shows a tqdm bar over the export's steps (tracing and conversion take minutes
+    for ViT-L/14), so a Python session without logging configured does not sit silent.
 
     Returns:
         ``path``.
@@ -355,45 +359,55 @@ def export_onnx(
     example = torch.zeros(2, 3, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1)
     logger.info("Exporting %s at %d px (%s, opset %d)...", config.backbone, config.image_size, dtype_name, opset)
-    with torch.no_grad(), _native_low_precision():
-        program = torch.onnx.export(
-            deployed,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=({0: batch},),
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=2, desc="ONNX export", unit="step", disable=not progress)
+    bar.set_postfix_str("tracing and converting")
+    try:
+        with torch.no_grad(), _native_low_precision():
+            program = torch.onnx.export(
+                deployed,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
+        metadata = OnnxMetadata(
+            image_size=config.image_size,
+            mean=tuple(config.mean),
+            std=tuple(config.std),
+            feature_layers=tuple(config.feature_layers),
+            patch_size=patch,
+            dtype=dtype_name,
+            library_version=__version__,
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
+            references=0 if memory is None else memory.num_images,
+            decision_mode=export_mode.to_dict(),
+            threshold_mode=None if image_threshold is None and pixel_threshold is None else export_mode.to_dict(),
+            fusion=None if memory is None else ("sum" if memory.fusion_statistics() is None else "standardized"),
+            model={
+                "backbone": config.backbone,
+                "dpam_layers": config.dpam_layers,
+                "dpam_mode": config.dpam_mode,
+                "sigma": config.sigma,
+                "temperature": config.temperature,
+            },
         )
-    metadata = OnnxMetadata(
-        image_size=config.image_size,
-        mean=tuple(config.mean),
-        std=tuple(config.std),
-        feature_layers=tuple(config.feature_layers),
-        patch_size=patch,
-        dtype=dtype_name,
-        library_version=__version__,
-        image_threshold=image_threshold,
-        pixel_threshold=pixel_threshold,
-        references=0 if memory is None else memory.num_images,
-        decision_mode=export_mode.to_dict(),
-        threshold_mode=None if image_threshold is None and pixel_threshold is None else export_mode.to_dict(),
-        fusion=None if memory is None else ("sum" if memory.fusion_statistics() is None else "standardized"),
-        model={
-            "backbone": config.backbone,
-            "dpam_layers": config.dpam_layers,
-            "dpam_mode": config.dpam_mode,
-            "sigma": config.sigma,
-            "temperature": config.temperature,
-        },
-    )
-    program.model.metadata_props.update(metadata.to_props())
-    program.model.producer_name = "anomalyclip"
-    program.model.producer_version = __version__
-    external = _initializer_bytes(program.model) > MAX_INLINE_BYTES
-    _save_atomically(program, path, external)
+        program.model.metadata_props.update(metadata.to_props())
+        program.model.producer_name = "anomalyclip"
+        program.model.producer_version = __version__
+        bar.update(1)
+        bar.set_postfix_str("saving")
+        external = _initializer_bytes(program.model) > MAX_INLINE_BYTES
+        _save_atomically(program, path, external)
+        bar.update(1)
+    finally:
+        bar.close()
     logger.info("Wrote %s (%.1f MB%s)", path, path.stat().st_size / 1e6, ", weights in " + path.name + ".data" if external else "")
     return path
 

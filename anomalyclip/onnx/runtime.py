@@ -19,6 +19,7 @@ from ..errors import CheckpointError, InvalidInputError, MissingDependencyError,
 from ..outputs import AnomalyResult, resize_map
 from ..predictor.stream import expand_inputs, predict_stream
 from ..predictor.thresholds import resolve_thresholds
+from ..decoding import ImageReadOptions
 from ..preprocessing import ImageInput, PreparedImage, check_image_size, prepare_image, preprocess_array
 from .metadata import INPUT_NAME, OUTPUT_NAMES, OnnxMetadata
 
@@ -212,19 +213,21 @@ class OnnxAnomalyCLIP:
         )
 
     # ------------------------------------------------------------------ array API
-    def _prepare(self, image: ImageInput) -> PreparedImage:
-        return check_image_size(prepare_image(image), self.metadata.patch_size)
+    def _prepare(self, image: ImageInput, read_options: ImageReadOptions | None = None) -> PreparedImage:
+        return check_image_size(prepare_image(image, read_options), self.metadata.patch_size)
 
     def _preprocess_prepared(self, prepared: PreparedImage) -> np.ndarray:
         m = self.metadata
         return preprocess_array(prepared, m.image_size, m.mean, m.std)
 
-    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+    def preprocess(
+        self, images: ImageInput | Sequence[ImageInput], *, read_options: ImageReadOptions | None = None
+    ) -> np.ndarray:
         """Images -> normalized float32 ``[B, 3, S, S]`` (the torch model's preprocessing, in numpy)."""
         items = list(images) if _is_image_list(images) else [images]
         if not items:
             raise InvalidInputError("Got an empty list of images; pass at least one image.")
-        return np.stack([self._preprocess_prepared(self._prepare(img)) for img in items])
+        return np.stack([self._preprocess_prepared(self._prepare(img, read_options)) for img in items])
 
     def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores and maps of preprocessed images.
@@ -284,6 +287,7 @@ class OnnxAnomalyCLIP:
         pixel_threshold: float | None = None,
         thresholds: Any = None,
         progress: bool = False,
+        read_options: ImageReadOptions | None = None,
     ) -> AnomalyResult | list[AnomalyResult]:
         """Score images and map anomalies at each image's original size, as ``AnomalyCLIP.predict``.
 
@@ -298,13 +302,16 @@ class OnnxAnomalyCLIP:
                 mapping applies those; False applies none. Explicit values take precedence. The
                 same resolution as the torch model's (:func:`anomalyclip.predictor.resolve_thresholds`).
             progress: show a tqdm progress bar.
+            read_options: how files are read (:class:`~anomalyclip.ImageReadOptions`), as in
+                ``AnomalyCLIP.predict``.
 
         Returns:
             An :class:`~anomalyclip.AnomalyResult` for a single image, a list of them for a list.
         """
         items, single = expand_inputs(images, "predict")
         results = list(self.predict_iter(items, batch_size=batch_size, image_threshold=image_threshold,
-                                         pixel_threshold=pixel_threshold, thresholds=thresholds, progress=progress))
+                                         pixel_threshold=pixel_threshold, thresholds=thresholds, progress=progress,
+                                         read_options=read_options))
         return results[0] if single else results
 
     def predict_iter(
@@ -318,6 +325,7 @@ class OnnxAnomalyCLIP:
         thresholds: Any = None,
         progress: bool = False,
         num_workers: int = 0,
+        read_options: ImageReadOptions | None = None,
     ) -> Iterator[AnomalyResult]:
         """Stream results in input order, as ``AnomalyCLIP.predict_iter`` (the same core loop)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -326,7 +334,7 @@ class OnnxAnomalyCLIP:
             images = [images]
         resolved = self._decision_thresholds(thresholds, image_threshold, pixel_threshold)
         return predict_stream(
-            _OnnxBackend(self),
+            _OnnxBackend(self, read_options),
             images,
             batch_size=batch_size,
             num_workers=num_workers,
@@ -348,11 +356,11 @@ class _OnnxBatch:
 class _OnnxBackend:
     """:class:`OnnxAnomalyCLIP` as a :class:`~anomalyclip.predictor.Backend` (numpy, no torch)."""
 
-    def __init__(self, model: OnnxAnomalyCLIP) -> None:
-        self.model = model
+    def __init__(self, model: OnnxAnomalyCLIP, read_options: ImageReadOptions | None = None) -> None:
+        self.model, self.read_options = model, read_options
 
     def load(self, image: Any) -> tuple[tuple[int, int], np.ndarray]:
-        prepared = self.model._prepare(image)
+        prepared = self.model._prepare(image, self.read_options)
         return prepared.size, self.model._preprocess_prepared(prepared)
 
     def submit(self, pixels: list[np.ndarray], sizes: list[tuple[int, int]]) -> _OnnxBatch:

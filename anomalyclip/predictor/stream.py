@@ -70,7 +70,7 @@ def expand_inputs(images: Any, what: str = "predict") -> tuple[list[Any], bool]:
     single = not isinstance(images, (list, tuple)) and not is_folder
     items = list(iter_inputs([images] if not isinstance(images, (list, tuple)) else images))
     if not items:
-        raise InvalidInputError(f"{what} got no images; pass at least one image (a path, a folder, an array...).")
+        raise InvalidInputError(f"{what} got no images (an empty list); pass at least one image (a path, a folder, an array...).")
     return items, single
 
 

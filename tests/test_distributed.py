@@ -386,7 +386,7 @@ def test_cli_ray_reports_a_model_the_actors_cannot_load(ray_cluster, tmp_path, c
     assert code == 2
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("anomalyclip predict:")]
     assert len(ours) == 1  # Ray logs its own lines around it
-    assert ours[0].startswith("anomalyclip predict: error: Cannot load 'config.json' of Hub repo 'test-org/not-cached'")
+    assert ours[0].startswith("anomalyclip predict: error: Cannot load Hub repo 'test-org/not-cached'")
 
 
 def test_predictor_with_references_and_tiles_matches_the_model(saved_model):

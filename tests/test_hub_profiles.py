@@ -69,10 +69,10 @@ def _reference_rows(model):
 def test_a_push_replaces_a_profile_with_a_profile(model, hub):
     _profile(model).push_to_hub("me/bottles")
     model.add_references(IMAGE_A)  # two references now
-    model.thresholds = Thresholds(image=0.8, pixel=2.6)
+    model.thresholds = Thresholds(image=0.8, pixel=0.7)
     model.push_to_hub("me/bottles")
     loaded = AnomalyCLIP.from_pretrained("me/bottles", device="cpu")
-    assert loaded.num_references == 2 and loaded.thresholds == Thresholds(image=0.8, pixel=2.6)
+    assert loaded.num_references == 2 and loaded.thresholds == Thresholds(image=0.8, pixel=0.7)
 
 
 # ----------------------------------------------------------------------------- load (item 3)

@@ -307,8 +307,8 @@ def test_cli_export_end_to_end(tmp_path, exported, monkeypatch):
     result = runtime.predict(IMAGE_A)
     assert result.label == int(result.score > 0.5) and result.path == str(IMAGE_A)
     assert np.array_equal(result.mask, result.anomaly_map > 0.9)
-    explicit = runtime.predict(IMAGE_A, image_threshold=0.0, pixel_threshold=100.0)
-    assert explicit.label == 1 and not explicit.mask.any()
+    explicit = runtime.predict(IMAGE_A, image_threshold=0.0, pixel_threshold=runtime.map_range[1])
+    assert explicit.label == 1 and not explicit.mask.any()  # no map value lies above the range's top
     assert runtime.predict(IMAGE_A, thresholds=Thresholds(image=1.0)).label == 0
 
 

@@ -183,7 +183,8 @@ def create_app(source: Source, settings: ServeSettings | None = None, *, runner:
 
     def run_batch(jobs: list[Job]) -> Sequence[AnomalyResult]:
         engine = state.engine
-        assert engine is not None
+        if engine is None:  # batches only run after startup has loaded the model
+            raise QueueFullError("The model is not loaded yet; retry when /v1/health answers 200.")
         state.metrics.batch_size.observe(len(jobs))
         started = time.perf_counter()
         try:

@@ -30,6 +30,10 @@ class QueueFullError(AnomalyCLIPError, RuntimeError):
     """The batching queue is full; the request was not queued (HTTP 503, retry later)."""
 
 
+class BatchError(AnomalyCLIPError, RuntimeError):
+    """The batch function broke its contract (not one result per item)."""
+
+
 class Batcher(Generic[T, R]):
     """Gathers submitted items into batches for ``run`` (a blocking ``list[T] -> list[R]``).
 
@@ -84,7 +88,8 @@ class Batcher(Generic[T, R]):
             await self._task
         except asyncio.CancelledError:
             pass
-        assert self._queue is not None and self._executor is not None
+        if self._queue is None or self._executor is None:
+            return
         while not self._queue.empty():
             _, future = self._queue.get_nowait()
             if not future.done():
@@ -109,19 +114,21 @@ class Batcher(Generic[T, R]):
         return await future
 
     async def _next_batch(self) -> list[tuple[T, asyncio.Future[R]]]:
-        assert self._queue is not None
-        batch = [await self._queue.get()]
+        queue = self._queue
+        if queue is None:  # stopped between two batches
+            return []
+        batch = [await queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.batch_wait_s
         while len(batch) < self.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            if not queue.empty():
+                batch.append(queue.get_nowait())
                 continue
             left = deadline - loop.time()
             if left <= 0:
                 break
             # asyncio.wait, not wait_for: a get that completes as the wait times out keeps its item.
-            getter = asyncio.ensure_future(self._queue.get())
+            getter = asyncio.ensure_future(queue.get())
             await asyncio.wait({getter}, timeout=left)
             if getter.done() or not getter.cancel():
                 batch.append(getter.result())
@@ -131,7 +138,7 @@ class Batcher(Generic[T, R]):
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while self._queue is not None:
             batch = await self._next_batch()
             if not batch:
                 continue
@@ -141,7 +148,7 @@ class Batcher(Generic[T, R]):
             try:
                 results: Any = await loop.run_in_executor(self._executor, self._run, items)
                 if len(results) != len(items):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+                    raise BatchError(f"batch function returned {len(results)} results for {len(items)} items")
             except Exception as exc:  # noqa: BLE001 -- only this batch's requests fail
                 logger.warning("A batch of %d failed: %s", len(items), exc)
                 for _, future in batch:

@@ -3,9 +3,10 @@
 Everything the HTTP layer (:mod:`anomalyclip.serve.app`) knows about the model goes through
 :class:`Engine`, so that another predictor can take its place by offering the same four members
 (:meth:`Engine.decode`, :meth:`Engine.run`, :meth:`Engine.thresholds`, :meth:`Engine.info`).
-Decoding uses the library's preprocessing (:meth:`AnomalyCLIP.preprocess`); the batch runs the
-model's tensor API (``model(pixel_values)``) and resizes each map to its image's size as
-:meth:`AnomalyCLIP.predict` does, so a served answer equals ``model.predict(image)``.
+Decoding uses the library's preprocessing (:meth:`AnomalyCLIP.preprocess`); the batch runs on the
+predictor core's torch backend (:class:`anomalyclip.model.predict.TorchBackend`, as
+:meth:`AnomalyCLIP.predict_iter`) and thresholds go through its one resolution, so a served
+answer equals ``model.predict(image)``.
 """
 
 from __future__ import annotations
@@ -108,17 +109,18 @@ class Engine:
         return DecodedImage(pixel_values=pixel_values, size=(height, width), image=img)
 
     def thresholds(self, image: float | None = None, pixel: float | None = None) -> tuple[float | None, float | None]:
-        """The ``(image, pixel)`` thresholds of a request: each given value, else the model's own, else None.
+        """The ``(image, pixel)`` thresholds of a request: each given value, else the model's own
+        (when they were chosen in the mode the service runs), else None -- the predictor core's
+        one resolution (:func:`anomalyclip.predictor.resolve_thresholds`), as ``model.predict``.
 
         Raises:
-            InvalidInputError: a given value is not a finite number.
+            InvalidInputError: a given value is not a finite number, or lies outside the score
+                range [0, 1] / the model's map range.
         """
+        from ..model.predict import decision_thresholds
+
         image, pixel = _check_threshold("image_threshold", image), _check_threshold("pixel_threshold", pixel)
-        own = self.model.thresholds
-        if own is not None:
-            image = own.image if image is None else image
-            pixel = own.pixel if pixel is None else pixel
-        return image, pixel
+        return decision_thresholds(self.model, None, image, pixel)
 
     def run(self, images: Sequence[DecodedImage], thresholds: Sequence[tuple[float | None, float | None]]) -> list[AnomalyResult]:
         """Score a batch in one forward pass (call from one thread at a time).
@@ -133,23 +135,15 @@ class Engine:
         Raises:
             ResourceError: the batch does not fit in memory (only this batch fails).
         """
-        import torch
-        import torch.nn.functional as F
+        from ..model.predict import TorchBackend
 
-        pixel_values = torch.stack([item.pixel_values for item in images])  # [B, 3, S, S]
-        with torch.inference_mode():
-            out = self.model(pixel_values)
-            scores = out.scores.float().cpu().tolist()
-            maps = [
-                F.interpolate(out.anomaly_maps[i][None, None], size=item.size, mode="bilinear", align_corners=False)[0, 0]
-                .float()
-                .cpu()
-                .numpy()
-                for i, item in enumerate(images)
-            ]
+        # the predictor core's torch backend: one forward, maps resized on the device, one staged copy back
+        scores, maps = TorchBackend(self.model).submit(
+            [item.pixel_values for item in images], [item.size for item in images]
+        ).collect()
         return [
             AnomalyResult(score=float(score), anomaly_map=m, image_threshold=image_t, pixel_threshold=pixel_t)
-            for score, m, (image_t, pixel_t) in zip(scores, maps, thresholds)
+            for score, m, (image_t, pixel_t) in zip(scores.tolist(), maps, thresholds)
         ]
 
     @property

@@ -262,3 +262,16 @@ def test_missing_matplotlib_names_the_extra(report, model, mvtec_root, tmp_path,
     assert main(args) == 2
     assert 'pip install "anomalyclip[report]"' in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()  # refused before the evaluation ran
+
+
+def test_the_run_records_the_mode_of_the_thresholds_in_words():
+    from types import SimpleNamespace
+
+    from anomalyclip.eval.protocol import _mode_text
+
+    assert _mode_text(SimpleNamespace(threshold_mode=None)) is None
+    mode = {"image_size": 224, "feature_layers": [6, 12], "tile_size": 336, "tile_overlap": 0.25, "references": "0123456789abcdef"}
+    assert _mode_text(SimpleNamespace(threshold_mode=mode)) == (
+        "224 px, layers 6, 12, tiles of 336 px, overlap 0.25, with references 0123456789ab"
+    )
+    assert _mode_text(SimpleNamespace(threshold_mode={**mode, "tile_size": None, "references": None})).endswith("untiled, zero-shot")

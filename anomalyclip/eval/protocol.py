@@ -278,12 +278,24 @@ def _settings(model: Any, dataset: Any) -> dict[str, Any]:
         "sigma": config.sigma,
         "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
         "trained_on": config.trained_on,
-        "thresholds": None if thresholds is None else thresholds.to_dict(),
+        "thresholds": None if thresholds is None else {**thresholds.to_dict(), "mode": _mode_text(config)},
         "dataset_root": str(getattr(dataset, "root", "")),
         "dataset_format": getattr(dataset, "format", None),
         "anomalyclip_version": __version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _mode_text(config: Any) -> str | None:
+    """The decision mode the model's thresholds were chosen in, in words (None: not recorded)."""
+    mode = getattr(config, "threshold_mode", None)
+    if not mode:
+        return None
+    parts = [f"{mode.get('image_size')} px", "layers " + ", ".join(str(v) for v in mode.get("feature_layers", []))]
+    tile = mode.get("tile_size")
+    parts.append(f"tiles of {tile} px, overlap {mode.get('tile_overlap')}" if tile else "untiled")
+    parts.append("with references " + str(mode["references"])[:12] if mode.get("references") else "zero-shot")
+    return ", ".join(parts)
 
 
 def _percent(value: float | None) -> str:

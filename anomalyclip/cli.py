@@ -410,6 +410,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         "Calibrated on %d normal image(s) (quantile %s): image threshold %.6f, pixel threshold %.6f; profile saved to %s",
         len(images), args.quantile, thresholds.image, thresholds.pixel, out,
     )
+    return 0
 
 
 def _is_onnx_file(model: str | None) -> bool:

@@ -325,10 +325,30 @@ def check_predict_options(args: argparse.Namespace) -> None:
             f"--threshold {args.threshold:g} is outside the score range [0, 1]: image scores are probabilities "
             "(e.g. --threshold 0.5)."
         )
+    check_paired_options(args)
+
+
+def check_paired_options(args: argparse.Namespace) -> None:
+    """Refuse ``--tile-overlap`` without ``--tile-size`` and ``--coreset`` without ``--references``
+    (predict and calibrate): options that would do nothing."""
     if args.tile_overlap is not None and args.tile_size is None:
         raise InvalidInputError("--tile-overlap applies to tiles; add --tile-size PIXELS or drop --tile-overlap.")
     if args.coreset is not None and not args.references:
         raise InvalidInputError("--coreset applies to --references; add --references DIR or drop --coreset.")
+
+
+def _add_references(model: Any, args: argparse.Namespace) -> None:
+    """``--references DIR ... [--coreset F]`` with the run's tiling (predict and calibrate)."""
+    references = collect_images(args.references)
+    model.add_references(
+        references,
+        batch_size=args.batch_size,
+        tile_size=args.tile_size,
+        tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
+        coreset=args.coreset,
+        progress=not args.quiet,
+    )
+    logger.info("Added %d reference image(s)", len(references))
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -363,40 +383,19 @@ def _predict(args: argparse.Namespace) -> int:
             "could be flagged or every pixel would be."
         )
     if args.references:
-        references = collect_images(args.references)
-        model.add_references(
-            references,
-            batch_size=args.batch_size,
-            tile_size=args.tile_size,
-            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
-            coreset=args.coreset,
-            progress=not args.quiet,
-        )
-        logger.info("Added %d reference image(s)", len(references))
+        _add_references(model, args)
     return run_predict(args, model, images)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .predict_io import read_options
 
-    if args.coreset is not None and not args.references:
-        raise InvalidInputError("--coreset applies to --references; pass --references DIR or drop --coreset.")
-    if args.tile_overlap is not None and args.tile_size is None:
-        raise InvalidInputError("--tile-overlap only applies with --tile-size.")
+    check_paired_options(args)
     reading = read_options(args)
     images = collect_images(args.inputs)
     model = _load_model(args)
     if args.references:
-        references = collect_images(args.references)
-        model.add_references(
-            references,
-            batch_size=args.batch_size,
-            tile_size=args.tile_size,
-            tile_overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
-            coreset=args.coreset,
-            progress=not args.quiet,
-        )
-        logger.info("Added %d reference image(s)", len(references))
+        _add_references(model, args)
     thresholds = model.calibrate(
         images,
         quantile=args.quantile,

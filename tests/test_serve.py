@@ -223,24 +223,30 @@ def test_batcher_bounded_queue_and_failing_batch():
 
 
 def test_full_queue_answers_503_with_retry_after(model, images):
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     class SlowEngine(Engine):
         def run(self, items, thresholds):
+            started.set()
             release.wait(120)  # set by the test; the timeout only keeps a broken test from hanging
             return super().run(items, thresholds)
 
     app = create_app(SlowEngine(model), ServeSettings(max_batch_size=1, batch_wait_ms=0, max_queue=1, retry_after_s=3))
 
     async def run(client):
-        pending = {asyncio.ensure_future(post_png(client, png(images[0]))) for _ in range(4)}
-        done_first: list = []
-        while len(done_first) < 2:  # one request runs, one waits: the other two are refused
+        running = asyncio.ensure_future(post_png(client, png(images[0])))
+        deadline = time.monotonic() + 60
+        while not started.is_set():  # the first request is in the engine: the queue is empty
+            assert time.monotonic() < deadline, "the first request never reached the engine"
+            await asyncio.sleep(0.01)
+        pending = {asyncio.ensure_future(post_png(client, png(images[0]))) for _ in range(3)}
+        refused: list = []
+        while len(refused) < 2:  # one of the three waits in the queue: the other two are refused
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            done_first.extend(t.result() for t in done)
+            refused.extend(t.result() for t in done)
         release.set()
-        rest = [await t for t in pending]
-        return done_first, rest
+        rest = [await running] + [await t for t in pending]
+        return refused, rest
 
     try:
         refused, rest = call(app, run)

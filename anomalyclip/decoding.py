@@ -22,8 +22,8 @@ What happens on the way, each a deviation from the official pipeline (which only
   resizing (the official order resizes first, and Pillow resizes ``P`` and ``1`` images
   nearest-neighbour), so such an image scores as the same pixels saved as RGB.
 * 16-bit RGB(A) TIFF files, which Pillow reduces to 8 bits, are read with ``tifffile`` (an
-  optional package); 16-bit RGB(A) PNG files are read by Pillow as 8 bits (the high byte of each
-  sample), as no installed decoder keeps their precision.
+  optional package); 16-bit colour PNG files (RGB, RGBA, gray + alpha), which Pillow also
+  reduces to 8 bits, are decoded by Pillow's PNG decoder at full depth (:func:`_read_png16`).
 * Images above ``max_image_pixels`` are refused with :class:`~anomalyclip.errors.ImageLoadError`
   before they are decoded (Pillow's decompression-bomb guard, raised to its error limit).
 """
@@ -405,6 +405,45 @@ def _read_tiff(fp: BinaryIO, name: str, opts: ImageReadOptions, orientation: int
     return _orient_array(unit, orientation) if opts.exif_transpose else unit
 
 
+#: 16-bit colour PNG rawmodes -> the rawmode of the same bits per pixel that yields the low bytes.
+#: Pillow unpacks ``RGB;16B`` / ``RGBA;16B`` to the high byte of each sample; its little-endian
+#: unpacker (``;16L``) takes the other byte of each pair, which in a (big-endian) PNG is the low
+#: byte. ``LA;16B`` (16-bit gray + alpha) read as 8-bit ``RGBA`` gives all four bytes at once.
+_PNG_FULL_DEPTH = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
+
+
+def _decode_with_rawmode(fp: BinaryIO, rawmode: str) -> np.ndarray:
+    """The PNG in ``fp`` decoded with its first tile's rawmode replaced: ``uint8 HxWxC``."""
+    fp.seek(0)
+    with Image.open(fp) as img:
+        tile = img.tile[0]
+        img.tile = [(tile[0], tile[1], tile[2], rawmode)]
+        img.load()
+        return np.asarray(img)
+
+
+def _read_png16(fp: BinaryIO, name: str, opts: ImageReadOptions, orientation: int, rawmode: str) -> np.ndarray:
+    """A 16-bit colour PNG at full depth: float32 ``HxWxC`` in [0, 1] (C = 3, or 4 with alpha).
+
+    Pillow has no 16-bit colour mode and keeps only the high byte of each sample, so the data are
+    decoded by Pillow's own PNG decoder a second time with an unpacker that keeps the other byte
+    (:data:`_PNG_FULL_DEPTH`): the decompression and the row filters are the same (same bits per
+    pixel), only the byte each sample is unpacked from differs.
+    """
+    try:
+        if rawmode == "LA;16B":
+            quad = _decode_with_rawmode(fp, "RGBA").astype(np.uint16)
+            samples = np.stack([quad[:, :, 0] << 8 | quad[:, :, 1], quad[:, :, 2] << 8 | quad[:, :, 3]], axis=2)
+        else:
+            high = _decode_with_rawmode(fp, rawmode).astype(np.uint16)
+            low = _decode_with_rawmode(fp, _PNG_FULL_DEPTH[rawmode]).astype(np.uint16)
+            samples = high << 8 | low
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for a damaged file
+        raise ImageLoadError(f"Cannot read PNG image '{name}': {exc}. The file may be truncated or damaged.") from exc
+    unit = _to_hwc(scale_to_unit(samples, opts, f"file '{name}'"))
+    return _orient_array(unit, orientation) if opts.exif_transpose else unit
+
+
 def _decode(fp: BinaryIO, name: str, opts: ImageReadOptions) -> DecodedImage:
     head = fp.read(4)
     fp.seek(0)
@@ -425,13 +464,15 @@ def _decode(fp: BinaryIO, name: str, opts: ImageReadOptions) -> DecodedImage:
             if _reduced_by_pillow(img, rawmode):
                 if img.format == "TIFF":
                     return _read_tiff(fp, name, opts, orientation, limit)
+                if img.format == "PNG" and rawmode in _PNG_FULL_DEPTH:
+                    return _read_png16(fp, name, opts, orientation, rawmode)
                 if opts.bit_depth is not None or opts.intensity_range is not None:
                     raise InvalidInputError(
-                        f"'{name}' has 16-bit colour samples, which Pillow reads as 8 bits (the high byte of each), "
+                        f"'{name}' has {rawmode} colour samples, which Pillow reads as 8 bits (the high byte of each), "
                         "so bit_depth / intensity_range cannot apply. Save it as a 16-bit TIFF, or decode it yourself "
                         "and pass a float array in [0, 1]."
                     )
-                logger.debug("%s: 16-bit colour %s read by Pillow as 8 bits (the high byte of each sample)", name, img.format)
+                logger.debug("%s: %s colour %s read by Pillow as 8 bits (the high byte of each sample)", name, rawmode, img.format)
             bits = _container_bits(img, rawmode)
             img.load()
             loaded = img.copy()

@@ -51,18 +51,32 @@ def exif_rotated_jpeg(path: Path, picture: Image.Image) -> np.ndarray:
 
 
 def write_png16(path: Path, samples: np.ndarray) -> None:
-    """Write ``uint16 HxWx3`` (or ``HxWx4``) samples as a 16-bit colour PNG (Pillow cannot write one)."""
+    """Write ``uint16 HxWx2`` (gray + alpha), ``HxWx3`` or ``HxWx4`` samples as a 16-bit colour PNG
+    (Pillow cannot write one), the rows filtered with each of PNG's five filter types in turn
+    (none, sub, up, average, Paeth), so a decoder's unfiltering of every type is exercised."""
     import struct
     import zlib
 
     height, width, channels = samples.shape
-    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(height))  # filter 0 per row
+    bpp = 2 * channels
+    rows = np.frombuffer(samples.astype(">u2").tobytes(), np.uint8).reshape(height, width * bpp).astype(np.int32)
+    data, above = bytearray(), np.zeros(width * bpp, np.int32)
+    for y, row in enumerate(rows):
+        left = np.concatenate([np.zeros(bpp, np.int32), row[:-bpp]])
+        upper_left = np.concatenate([np.zeros(bpp, np.int32), above[:-bpp]])
+        guess = left + above - upper_left
+        d_left, d_up, d_ul = np.abs(guess - left), np.abs(guess - above), np.abs(guess - upper_left)
+        paeth = np.where((d_left <= d_up) & (d_left <= d_ul), left, np.where(d_up <= d_ul, above, upper_left))
+        kind = y % 5
+        predicted = [np.zeros_like(row), left, above, (left + above) // 2, paeth][kind]
+        data += bytes([kind]) + ((row - predicted) % 256).astype(np.uint8).tobytes()
+        above = row
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(data))) + chunk(b"IEND", b""))
 
 
 def make_input_folder(folder: Path) -> dict[str, Path]:

@@ -171,16 +171,32 @@ def test_options_validate_and_round_trip():
         ImageReadOptions.from_dict({"bits": 12})
 
 
-def test_a_colour_png_of_16_bits_is_read_as_its_high_bytes(tmp_path):
-    """Pillow reads 16-bit colour PNG as 8 bits (no installed decoder keeps them): exact for 8-bit x 257,
-    and the options that need the low bits refuse it."""
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_a_colour_png_of_16_bits_is_read_at_full_depth(tmp_path, channels):
+    """Random 16-bit samples (gray + alpha, RGB, RGBA; every row filter type) come back exactly,
+    though Pillow alone keeps only their high bytes."""
+    samples = np.random.default_rng(channels).integers(0, 65536, (23, 31, channels), dtype=np.uint16)
+    write_png16(tmp_path / "colour16.png", samples)
+    decoded = load_image(tmp_path / "colour16.png")
+    expected = samples.astype(np.float32) / 65535
+    if channels == 2:  # gray + alpha: gray repeated as RGB, then alpha
+        expected = expected[:, :, [0, 0, 0, 1]]
+    assert isinstance(decoded, np.ndarray) and decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_a_colour_png_of_16_bits_takes_the_bit_depth_and_scores_as_its_8_bit_twin(tmp_path, model):
     picture = np.asarray(rgb8())
-    samples = np.minimum(picture.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)  # low bytes are dropped
-    write_png16(tmp_path / "rgb16.png", samples)
-    decoded = load_image(tmp_path / "rgb16.png")
-    assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), picture)
-    with pytest.raises(InvalidInputError, match="16-bit colour samples.*TIFF"):
-        load_image(tmp_path / "rgb16.png", ImageReadOptions(bit_depth=12))
+    write_png16(tmp_path / "rgb16.png", picture.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb16.png"), picture.astype(np.float32) / 255)
+    twelve = (picture.astype(np.uint16) * 16).astype(np.uint16)  # 12-bit data in a 16-bit container
+    write_png16(tmp_path / "rgb12.png", twelve)
+    np.testing.assert_allclose(load_image(tmp_path / "rgb12.png", ImageReadOptions(bit_depth=12)), twelve / 4095.0, rtol=0, atol=1e-7)
+    with pytest.raises(InvalidInputError, match="do not fit bit_depth=8"):
+        load_image(tmp_path / "rgb12.png", ImageReadOptions(bit_depth=8))
+    Image.fromarray(picture).save(tmp_path / "rgb8.png")
+    scores = [r.score for r in model.predict([tmp_path / "rgb16.png", tmp_path / "rgb8.png"])]
+    assert abs(scores[0] - scores[1]) < 1e-3, scores
 
 
 # ----------------------------------------------------------------------------- pixel limit

@@ -41,6 +41,7 @@ from anomalyclip.serve.engine import Engine  # noqa: E402
 from anomalyclip.visualize import overlay  # noqa: E402
 
 from .conftest import IMAGE_A, OFFICIAL_PTH, TINY_CLIP_REF  # noqa: E402
+from .fixtures_images import exif_rotated_jpeg, rgb8, write_png16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 112
@@ -337,6 +338,28 @@ def test_a_16_bit_image_scores_as_its_8_bit_twin(app):
     # the 16-bit path resizes in float, the 8-bit one rounds to uint8 first: at this app's small
     # processing size that moves the score by ~2e-3 (docs/cli.md: 1e-3 from 224 px up)
     assert abs(a.json()["score"] - b.json()["score"]) <= 5e-3
+
+
+def test_files_are_read_as_the_cli_reads_them(app, model, tmp_path):
+    # one reader (anomalyclip.decoding): an EXIF-rotated JPEG is scored upright and answered at its
+    # upright size, a 16-bit colour PNG at full depth, each as model.predict scores the same file
+    picture = rgb8()
+    exif_rotated_jpeg(tmp_path / "rotated.jpg", picture)
+    rng = np.random.default_rng(1)
+    write_png16(tmp_path / "colour16.png", rng.integers(0, 65536, (40, 56, 3), dtype=np.uint16))
+    files = [tmp_path / "rotated.jpg", tmp_path / "colour16.png"]
+
+    async def run(client):
+        return [await client.post("/v1/predict", files={"file": (f.name, f.read_bytes())}) for f in files]
+
+    answers = call(app, run)
+    expected = model.predict(files)
+    for answer, result, path in zip(answers, expected, files):
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert abs(body["score"] - result.score) < 1e-5, path.name
+        assert (body["height"], body["width"]) == result.anomaly_map.shape, path.name
+    assert (answers[0].json()["height"], answers[0].json()["width"]) == (picture.height, picture.width)  # turned upright
 
 
 def test_token_on_and_off(model, images):

@@ -3,7 +3,9 @@
 Everything the HTTP layer (:mod:`anomalyclip.serve.app`) knows about the model goes through
 :class:`Engine`, so that another predictor can take its place by offering the same four members
 (:meth:`Engine.decode`, :meth:`Engine.run`, :meth:`Engine.thresholds`, :meth:`Engine.info`).
-Decoding uses the library's preprocessing (:meth:`AnomalyCLIP.preprocess`); the batch runs on the
+Decoding uses the library's one image reader (:func:`anomalyclip.decoding.load_image`: EXIF
+orientation, 16-bit and palette images as the CLI reads files) and preprocessing
+(:meth:`AnomalyCLIP.preprocess`); the batch runs on the
 predictor core's torch backend (:class:`anomalyclip.model.predict.TorchBackend`, as
 :meth:`AnomalyCLIP.predict_iter`) and thresholds go through its one resolution, so a served
 answer equals ``model.predict(image)``.
@@ -17,9 +19,12 @@ import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .._version import __version__
+from ..decoding import DecodedImage as Picture
+from ..decoding import ImageReadOptions, load_image
 from ..errors import ImageLoadError, InvalidInputError
 from ..outputs import AnomalyResult
 
@@ -44,13 +49,14 @@ class DecodedImage:
 
     Attributes:
         pixel_values: float32 ``[3, S, S]``, normalized (the model's preprocessing).
-        size: the image's original ``(height, width)`` in pixels.
-        image: the decoded PIL image (for overlays).
+        size: the image's ``(height, width)`` in pixels, upright (EXIF orientation applied).
+        image: the decoded picture (for overlays): an 8-bit PIL image, or a float32 ``HxWxC``
+            array in [0, 1] for images of more than 8 bits per sample.
     """
 
     pixel_values: "torch.Tensor"
     size: tuple[int, int]
-    image: Image.Image
+    image: Picture
 
 
 def _check_threshold(name: str, value: Any) -> float | None:
@@ -99,14 +105,14 @@ class Engine:
                 f"Image of {width}x{height} = {width * height} pixels is over the limit of {max_pixels}; "
                 "send a smaller image (or start the service with a larger --max-pixels)."
             )
+        img.close()
         try:
-            img.load()
+            picture = load_image(data, ImageReadOptions(max_image_pixels=max_pixels), name="the request's image")
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"Image refused by Pillow's decompression-bomb guard: {exc}") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageLoadError(f"Cannot decode the image (truncated or corrupt): {exc}") from exc
-        pixel_values = self.model.preprocess(img)[0]
-        return DecodedImage(pixel_values=pixel_values, size=(height, width), image=img)
+        pixel_values = self.model.preprocess(picture)[0]
+        height, width = picture.shape[:2] if isinstance(picture, np.ndarray) else (picture.height, picture.width)
+        return DecodedImage(pixel_values=pixel_values, size=(height, width), image=picture)
 
     def thresholds(self, image: float | None = None, pixel: float | None = None) -> tuple[float | None, float | None]:
         """The ``(image, pixel)`` thresholds of a request: each given value, else the model's own

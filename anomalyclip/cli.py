@@ -369,11 +369,11 @@ def _predict(args: argparse.Namespace) -> int:
     ray_only = ("ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
     if any(getattr(args, name) is not None for name in ray_only):
         raise InvalidInputError(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} need --ray.")
-    if _is_onnx_file(args.model):
-        return _predict_onnx(args)
     from .predict_run import check_predict_args, run_predict
 
     check_predict_args(args)
+    if _is_onnx_file(args.model):
+        return _predict_onnx(args)
     images = collect_images(args.inputs)
     model = _load_model(args)
     if args.pixel_threshold is not None and not model.map_range[0] <= args.pixel_threshold <= model.map_range[1]:
@@ -431,7 +431,7 @@ _FIXED_IN_EXPORT = {
 def _predict_onnx(args: argparse.Namespace) -> int:
     """``predict --model FILE.onnx``: the export run by onnxruntime, without torch (same files)."""
     from .onnx.runtime import OnnxAnomalyCLIP
-    from .predict_io import write_predictions
+    from .predict_run import run_predict
 
     fixed = [flag for name, flag in _FIXED_IN_EXPORT.items() if getattr(args, name) is not None]
     if fixed:
@@ -445,30 +445,13 @@ def _predict_onnx(args: argparse.Namespace) -> int:
             f"{', '.join(unsupported)} do not apply to an ONNX export (the runtime scores whole images in the "
             "file's dtype); drop them, or pass a model directory / Hub id."
         )
-    streaming = [n for n in ("resume", "strict", "no_overlays", "save_maps", "save_masks") if getattr(args, n, None)]
-    if streaming:
-        raise InvalidInputError(
-            f"{', '.join('--' + n.replace('_', '-') for n in streaming)} are not available for an ONNX export yet: "
-            "drop them, or pass a model directory / Hub id (the torch run)."
-        )
     images = collect_images(args.inputs)
     providers = {None: None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
     if args.device not in providers:
         raise InvalidInputError(f"--device {args.device}: an ONNX export runs on cpu or cuda (onnxruntime's providers).")
     model = OnnxAnomalyCLIP(args.model, providers=providers[args.device])
-    rows = write_predictions(
-        model,
-        images,
-        args.out,
-        batch_size=args.batch_size,
-        alpha=args.alpha,
-        progress=not args.quiet,
-        image_threshold=args.threshold,
-        pixel_threshold=args.pixel_threshold,
-        thresholds=False if args.no_thresholds else None,
-    )
-    logger.info("Wrote %d overlays, scores.csv and scores.json to %s (ONNX: %s)", len(rows), args.out, model.providers)
-    return 0
+    logger.info("Scoring with %s (onnxruntime: %s)", args.model, ", ".join(model.providers))
+    return run_predict(args, model, images)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -7,18 +7,17 @@ read the same images in the same order and write the same files.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import InvalidInputError
 from .files import IMAGE_SUFFIXES, atomic_write, find_images
 
-__all__ = ["images_in", "collect_images", "overlay_names", "write_predictions", "write_scores"]
+__all__ = ["images_in", "collect_images", "overlay_names", "write_scores"]
 
 
 def images_in(path: str | os.PathLike) -> list[Path]:
@@ -58,70 +57,6 @@ def overlay_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return [f"{i:05d}_{s}_overlay.png" if counts[s] > 1 else f"{s}_overlay.png" for i, s in enumerate(stems)]
-
-
-def write_predictions(
-    model: Any,
-    images: Sequence[Path],
-    out_dir: str | os.PathLike,
-    *,
-    batch_size: int,
-    alpha: float,
-    progress: bool,
-    **predict_options: Any,
-) -> list[dict[str, Any]]:
-    """Score ``images`` with ``model`` and write an overlay per image and ``scores.csv`` /
-    ``scores.json`` into ``out_dir``: the files of ``anomalyclip predict``.
-
-    Args:
-        model: an :class:`~anomalyclip.AnomalyCLIP` or an :class:`~anomalyclip.onnx.OnnxAnomalyCLIP`
-            (anything with ``predict(images, batch_size=..., **predict_options)`` returning
-            :class:`~anomalyclip.AnomalyResult` objects, and ``map_range``). Torch is imported only
-            by such a model.
-        images: the image files, in output order.
-        batch_size: images per ``predict`` call.
-        alpha: heat-map opacity of the overlays.
-        progress: show a tqdm progress bar (none when tqdm is not installed).
-        **predict_options: passed to ``model.predict`` (thresholds, tiling).
-
-    Returns:
-        the rows written (``image``, ``score``, ``overlay``, and ``label`` when thresholded).
-    """
-    from .visualize import save_overlay
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = model.map_range  # a fixed colour scale: overlays of different images are comparable
-    rows: list[dict[str, Any]] = []
-    names = overlay_names(images)
-    with _progress_bar(len(images), enabled=progress) as update:
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
-            results = model.predict(chunk, batch_size=batch_size, **predict_options)
-            for name, result in zip(names[start : start + len(chunk)], results):
-                save_overlay(out / name, result.path, result.anomaly_map, alpha=alpha, vmin=vmin, vmax=vmax, mask=result.mask)
-                row = {"image": result.path, "score": round(result.score, 6), "overlay": name}
-                if result.label is not None:
-                    row["label"] = result.label
-                rows.append(row)
-            update(len(chunk))
-    write_scores(out, rows)
-    return rows
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], Any]]:
-    """``update(n)`` of a tqdm bar, or of nothing when disabled or tqdm is not installed (an
-    ONNX-only install has numpy, Pillow and onnxruntime, not tqdm)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        yield lambda n: None
-        return
-    with tqdm(total=total, desc="predict", unit="img") as bar:
-        yield bar.update
 
 
 def write_scores(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:

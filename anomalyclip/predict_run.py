@@ -152,18 +152,20 @@ def _run_options(args: argparse.Namespace, model: Any, columns: list[str]) -> di
 def run_predict(args: argparse.Namespace, model: Any, images: list[Path]) -> int:
     """Score ``images`` with ``model`` as ``anomalyclip predict`` says (``args`` from its parser).
 
+    ``model`` is an :class:`~anomalyclip.AnomalyCLIP` or an :class:`~anomalyclip.onnx.OnnxAnomalyCLIP`
+    (torch-free): both offer ``decision_thresholds``, ``predict_iter`` and ``map_range``, and both
+    stream through the predictor core; tiling applies to the torch model only.
+
     Returns the exit status: 0, or :data:`EXIT_FAILED_IMAGES` when some images could not be
     scored (``--strict`` raises at the first one instead).
     """
-    from .model.predict import decision_thresholds
     from .predict_io import overlay_names, read_options
     from .visualize import save_overlay
 
     reading = read_options(args)
     thresholds = False if args.no_thresholds else None
-    image_threshold, pixel_threshold = decision_thresholds(
-        model, thresholds, args.threshold, args.pixel_threshold, args.tile_size, args.tile_overlap
-    )
+    tiling = {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap} if args.tile_size is not None else {}
+    image_threshold, pixel_threshold = model.decision_thresholds(thresholds, args.threshold, args.pixel_threshold, **tiling)
     if args.save_masks and pixel_threshold is None:
         raise InvalidInputError(
             "--save-masks needs a pixel threshold: pass --pixel-threshold T or use a model with calibrated thresholds."
@@ -187,11 +189,10 @@ def run_predict(args: argparse.Namespace, model: Any, images: list[Path]) -> int
             thresholds=thresholds,
             image_threshold=args.threshold,
             pixel_threshold=args.pixel_threshold,
-            tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
             read_options=reading,
-            num_workers=args.num_workers if args.num_workers is not None else default_input_workers(model.device),
+            num_workers=args.num_workers if args.num_workers is not None else default_input_workers(getattr(model, "device", None)),
             progress=not args.quiet,
+            **tiling,
         )
         for result in results:
             name = names[result.path]
@@ -241,10 +242,14 @@ def run_predict(args: argparse.Namespace, model: Any, images: list[Path]) -> int
 def default_input_workers(device: Any) -> int:
     """Threads decoding and resizing the next images: the library's default on an accelerator
     (:func:`anomalyclip.prefetch.default_num_workers`), 2 on the CPU, so that decoding overlaps
-    the forward pass (Pillow and the resize release the GIL)."""
+    the forward pass (Pillow and the resize release the GIL). ``device`` None: a runtime without
+    torch (an ONNX export), 2."""
+    on_cpu = min(2, os.cpu_count() or 1)
+    if device is None:
+        return on_cpu
     from .prefetch import default_num_workers
 
-    return max(default_num_workers(device), min(2, os.cpu_count() or 1))
+    return max(default_num_workers(device), on_cpu)
 
 
 def check_predict_args(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,11 +43,18 @@ def _rows(out):
         return list(csv.DictReader(handle))
 
 
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
+
 def _same_outputs(rows, expected, out):
     assert [r["image"] for r in rows] == [r["image"] for r in expected]
     assert [r["overlay"] for r in rows] == [r["overlay"] for r in expected]
     assert all(abs(float(a["score"]) - float(b["score"])) <= 1e-4 for a, b in zip(rows, expected))
-    assert sorted(p.name for p in out.iterdir()) == sorted([*(r["overlay"] for r in expected), "scores.csv", "scores.json"])
+    summaries = ["run.json", "scores.csv", "scores.json"] + (["scores.parquet"] if _has_pyarrow() else [])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(r["overlay"] for r in expected), *summaries])
     assert len(json.loads((out / "scores.json").read_text())) == len(expected)
 
 
@@ -118,3 +126,33 @@ def test_predict_with_an_onnx_file_needs_no_torch(deployed, tmp_path):
     assert "needs torch, open_clip, tqdm" in err and "--model anomalyclip.onnx" in err
     code, err = report["no-onnxruntime"]
     assert code == 2 and "Traceback" not in err and 'pip install "anomalyclip[onnx]"' in err
+
+
+def test_an_onnx_file_runs_the_streaming_pipeline(deployed, tmp_path):
+    """The ONNX file goes through the same streaming run as the torch model: an unreadable file is
+    an error row (exit 1), raw maps are saved, and --resume scores only what is missing."""
+    import numpy as np
+
+    _, onnx_file, images, expected = deployed
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for source in sorted(images.iterdir()):
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.png").write_bytes(IMAGE_A.read_bytes()[:200])  # a truncated PNG
+    out = tmp_path / "out"
+    args = ["-q", "predict", str(folder), "--model", str(onnx_file), "--out", str(out), "--save-maps", "npy", "--no-overlays"]
+    assert main(args) == 1  # finished, with one image that could not be scored
+    rows = {Path(r["image"]).name: r for r in _rows(out)}
+    assert rows["broken.png"]["error"] and rows["broken.png"]["score"] in ("", "nan")
+    for row in expected:
+        name = Path(row["image"]).name
+        assert abs(float(rows[name]["score"]) - float(row["score"])) <= 1e-4 and not rows[name]["error"]
+        anomaly_map = np.load(out / rows[name]["map"])
+        assert anomaly_map.ndim == 2 and np.isfinite(anomaly_map).all()
+    (folder / "broken.png").unlink()
+    (folder / "image_c.png").write_bytes(IMAGE_B.read_bytes())
+    assert main([*args, "--resume"]) == 0
+    again = _rows(out)
+    names = [Path(r["image"]).name for r in again]
+    # error rows are dropped on resume and their images scored again (broken.png is gone now)
+    assert sorted(names) == sorted([*(Path(r["image"]).name for r in expected), "image_c.png"])

@@ -262,3 +262,28 @@ def test_cli_predict_with_tiles_and_references(model, tmp_path):
     assert row["score"] == pytest.approx(model.predict(IMAGE_A, tile_size=200, tile_overlap=0.3).score, abs=1e-6)
     overlay = Image.open(out / row["overlay"])
     assert overlay.size == (400, 300)
+
+
+def test_cli_predict_with_tiles_applies_a_profile_calibrated_with_the_same_tiles(model, tmp_path):
+    """A profile calibrated with tiles (overlap left at its default) is applied by `predict
+    --tile-size` without `--tile-overlap`: the CLI's columns come from the same resolution as
+    predict's (both take overlap 0.25), so labels and the flagged-pixel fraction are written."""
+    import csv
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in (IMAGE_A, IMAGE_B):
+        (images / source.name).write_bytes(source.read_bytes())
+    profile = tmp_path / "profile"
+    try:  # the module's shared model: its thresholds are reset after
+        model.calibrate([IMAGE_B], quantile=0.9, tile_size=200)
+        model.save_pretrained(profile)
+    finally:
+        model.thresholds = None
+    out = tmp_path / "out"
+    assert main(["-q", "predict", str(images), "--model", str(profile), "--tile-size", "200", "--out", str(out), "--no-overlays"]) == 0
+    with open(out / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = AnomalyCLIP.from_pretrained(profile, device="cpu").predict([images / "image_a.png", images / "image_b.png"], tile_size=200)
+    assert [int(r["label"]) for r in rows] == [int(e.label) for e in expected]
+    assert [float(r["anomalous_fraction"]) for r in rows] == pytest.approx([float(e.mask.mean()) for e in expected], abs=1e-6)

@@ -209,6 +209,31 @@ class ImageAPI:
         )
         return _predict_iter(self, images, options, resolved, total=len(images) if hasattr(images, "__len__") else None)
 
+    def decision_thresholds(
+        self,
+        thresholds: Thresholds | Mapping[str, Any] | Literal[False] | None = None,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        *,
+        tile_size: int | None = None,
+        tile_overlap: float | None = None,
+    ) -> tuple[float | None, float | None]:
+        """The ``(image, pixel)`` thresholds :meth:`predict` applies with these arguments.
+
+        ``None`` for a field means no labels (image) or no masks (pixel). The model's own
+        :attr:`thresholds` count only when they were chosen in the decision mode of the call
+        (size, layers, DPAM, tiling, references, backbone); otherwise they are left out with one
+        warning. Explicitly passed thresholds from another mode raise.
+
+        Raises:
+            InvalidInputError: a threshold out of range (image in [0, 1], pixel in
+                :attr:`map_range`), or explicit thresholds chosen in another mode.
+        """
+        if tile_overlap is not None and tile_size is None:
+            raise InvalidInputError("tile_overlap only applies with tile_size; pass tile_size=... or leave tile_overlap unset.")
+        overlap = 0.25 if tile_overlap is None else tile_overlap  # predict's default
+        return decision_thresholds(self, thresholds, image_threshold, pixel_threshold, tile_size, overlap)
+
     def calibrate(
         self,
         normal_images: ImageInput | Sequence[ImageInput],

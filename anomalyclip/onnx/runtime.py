@@ -263,7 +263,12 @@ class OnnxAnomalyCLIP:
         return scores.astype(np.float32, copy=False), maps.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ friendly API
-    def _decision_thresholds(self, thresholds: Any, image_threshold: Any, pixel_threshold: Any) -> tuple:
+    def decision_thresholds(
+        self, thresholds: Any = None, image_threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> tuple[float | None, float | None]:
+        """The ``(image, pixel)`` thresholds :meth:`predict` applies with these arguments (None: no
+        labels / no masks), resolved as ``AnomalyCLIP.decision_thresholds`` does: the file's stored
+        thresholds count when they were chosen in the graph's decision mode."""
         m = self.metadata
         own = None
         if m.image_threshold is not None or m.pixel_threshold is not None:
@@ -332,7 +337,7 @@ class OnnxAnomalyCLIP:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
         if isinstance(images, (str, os.PathLike, np.ndarray)) or not hasattr(images, "__iter__"):
             images = [images]
-        resolved = self._decision_thresholds(thresholds, image_threshold, pixel_threshold)
+        resolved = self.decision_thresholds(thresholds, image_threshold, pixel_threshold)
         return predict_stream(
             _OnnxBackend(self, read_options),
             images,

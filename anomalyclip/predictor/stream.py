@@ -140,9 +140,12 @@ def predict_stream(
         raise InvalidInputError(f"on_error must be 'raise' or 'record', got {on_error!r}.")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="AnomalyCLIP", unit="img")
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # an ONNX-only install (numpy, Pillow, onnxruntime): no bar
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=total, desc="AnomalyCLIP", unit="img")
     loaded = _ordered_prefetch(iter_inputs(images), backend.load, num_workers, depth=batch_size + max(num_workers, 1))
     # A group is one batch's inputs: each an error result already, or an image of the batch.
     previous: tuple[list[Any], PendingBatch | None] | None = None

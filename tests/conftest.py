@@ -7,6 +7,12 @@ import os
 # Before anything imports huggingface_hub: every test runs offline.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["ANOMALYCLIP_OFFLINE"] = "1"
+# Under pytest-xdist the workers share the cores: each gets its share of threads (torch's OpenMP
+# pool, and the subprocesses and Ray workers the tests start, which inherit the variable), so that
+# two workers on two cores do not run four spinning threads.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -16,6 +22,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 TINY_CLIP = GOLDEN / "tiny-clip"

@@ -14,22 +14,21 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from anomalyclip import AnomalyCLIP  # noqa: E402
 from anomalyclip.cli import main  # noqa: E402
 
-from .conftest import IMAGE_A, IMAGE_B, OFFICIAL_PTH, TINY_CLIP_REF  # noqa: E402
+from .conftest import IMAGE_A, IMAGE_B  # noqa: E402
+from .onnx_fixtures import PROFILE  # noqa: E402
 from .test_onnx import _repo_env  # noqa: E402
-
-SIZE = 112
 
 
 @pytest.fixture(scope="module")
-def deployed(tiny_clip, tmp_path_factory):
-    """``(model directory, its ONNX export, the torch CLI's scores.csv rows)`` at S = 112."""
+def deployed(saved_profile, exported, tmp_path_factory):
+    """``(model directory, its ONNX export, the images, the torch CLI's scores.csv rows)``: the
+    session's inspection profile (224 px, four layers, one reference, thresholds) and its CLI
+    export (tests/onnx_fixtures.py), shared with the ONNX tests (an export costs 15-20 CPU-seconds)."""
     root = tmp_path_factory.mktemp("deployed")
-    model = AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, backbone=TINY_CLIP_REF, device="cpu", image_size=SIZE)
-    folder = model.save_pretrained(root / "model")
-    onnx_file = model.export_onnx(root / "anomalyclip.onnx")
+    folder = saved_profile(*PROFILE)
+    onnx_file = exported(*PROFILE, profile=True)
     images = root / "images"
     images.mkdir()
     for image in (IMAGE_A, IMAGE_B):

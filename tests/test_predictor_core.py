@@ -247,36 +247,34 @@ def test_cli_refuses_options_that_do_nothing(model, tmp_path, capsys, extra, mes
 
 
 # ----------------------------------------------------------------------------- Done when: parity
-def test_torch_onnx_and_ray_decide_the_same_for_one_profile(tiny_clip, tmp_path):
+def test_torch_onnx_and_ray_decide_the_same_for_one_profile(saved_profile, exported, tmp_path):
     """One profile (prompts + references + thresholds): the torch model, the ONNX runtime and the
     Ray actor (in this process) give the same labels and masks, the thresholds coming from the
-    profile in each runtime (not passed)."""
+    profile in each runtime (not passed).
+
+    The profile is the session's inspection profile (224 px, four layers, one reference image)
+    and the ONNX file its CLI export (tests/onnx_fixtures.py), shared with the ONNX tests: an
+    export costs 15-20 CPU-seconds."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("pyarrow")
     from anomalyclip.distributed import AnomalyCLIPPredictor
     from anomalyclip.onnx import OnnxAnomalyCLIP
 
-    from .conftest import OFFICIAL_PTH, TINY_CLIP_REF
+    from .onnx_fixtures import PROFILE
 
-    model = AnomalyCLIP.from_official_checkpoint(OFFICIAL_PTH, clip=tiny_clip, backbone=TINY_CLIP_REF, device="cpu", image_size=S)
-    model.add_references([str(IMAGE_B)])
+    profile = saved_profile(*PROFILE)
+    onnx_path = exported(*PROFILE, profile=True)
     paths = []
     for i, img in enumerate(_normal_images(3, 3, size=200)):
         img[60:110, 80:130] = 255 * (i % 2)  # a defect on some
         Image.fromarray(img).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
     paths += [str(IMAGE_A), str(IMAGE_B)]
-    raw = model.predict(paths, thresholds=False)
-    scores = np.sort([r.score for r in raw])
-    gaps = np.diff(scores)
-    k = int(np.argmax(gaps))  # the widest gap: far from every image's own score
-    assert gaps[k] > 1e-3
-    values = np.concatenate([r.anomaly_map.ravel() for r in raw])
-    model.thresholds = Thresholds(image=float((scores[k] + scores[k + 1]) / 2), pixel=float(np.quantile(values, 0.7)))
-    profile = model.save_pretrained(tmp_path / "profile")
-    onnx_path = model.export_onnx(tmp_path / "profile.onnx")
 
-    torch_results = AnomalyCLIP.from_pretrained(profile, device="cpu").predict(paths)
+    model = AnomalyCLIP.from_pretrained(profile, device="cpu")
+    torch_results = model.predict(paths)
+    # Every image's score is clear of the profile's image threshold: no label on a knife edge.
+    assert min(abs(r.score - model.thresholds.image) for r in torch_results) > 1e-3
     onnx_results = OnnxAnomalyCLIP(onnx_path).predict(paths)
     actor = AnomalyCLIPPredictor(profile, device="cpu", maps="npy", io_threads=0)
     rows = actor({"path": np.array(paths, dtype=object)}).to_pylist()

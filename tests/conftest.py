@@ -120,3 +120,6 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, golden_model) -> P
 
 # The session's ONNX exports (one per configuration, shared by every test module and xdist worker).
 from .onnx_fixtures import exported, onnx_folder, onnx_model, saved_profile, torch_reference  # noqa: E402,F401
+
+# One local Ray for the tests that need one (the ``ray_runtime`` fixture; see tests/ray_session.py).
+pytest_plugins = ["tests.ray_session"]

@@ -470,11 +470,13 @@ def test_folder_layout_holds_drawn_references_out(model, tmp_path):
 
 def test_fewshot_beats_zero_shot_through_the_cli(small_model, textures, tmp_path, capsys):
     """The acceptance check of the issue: on the tiny random CLIP, 4 normal shots lift pixel AUROC
-    from about chance to well above 0.8 (same data, model and metrics; only --shots differs)."""
+    from below 0.7 to well above 0.8 (same data, model and metrics; only --shots differs).
+
+    At the model's S = 112 (8 x 8 patches; a quarter of the work at 224): zero-shot pixel AUROC
+    0.35, four shots 0.99 for either seed and class (measured; the bars below leave >= 0.1)."""
     small_model.clear_references()
     model_dir = small_model.save_pretrained(tmp_path / "model")
     base = ["-q", "evaluate", "--model", str(model_dir), "--data", str(textures), "--format", "mvtec"]
-    base += ["--image-size", "224"]
     assert main([*base, "--out", str(tmp_path / "zero")]) == 0
     zero = json.loads((tmp_path / "zero" / "metrics.json").read_text())
     assert zero["settings"]["shots"] == 0 and zero["settings"]["seed"] is None

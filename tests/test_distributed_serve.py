@@ -1,5 +1,5 @@
 """The inspection service on Ray Serve (``anomalyclip serve --ray``): the same app and answers as
-in-process, batched with ``@serve.batch``, on ONE small local cluster (1 replica, 2 CPUs)."""
+in-process, batched with ``@serve.batch``, on the session's local Ray (1 replica; tests/ray_session.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from anomalyclip.serve.encoding import decode_map_png  # noqa: E402
 from anomalyclip.serve.loading import ModelSpec  # noqa: E402
 
 from .conftest import OFFICIAL_PTH, TINY_CLIP_REF  # noqa: E402
+from .ray_session import RAY_GROUP, start_ray  # noqa: E402
 
 S = 112
 
@@ -47,8 +48,8 @@ def images() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def ray_url(tmp_path_factory, model):
-    """Ray Serve on a local Ray (2 CPUs): the service deployed as ``anomalyclip serve --ray`` does."""
-    ray = pytest.importorskip("ray")
+    """Ray Serve on the local Ray: the service deployed as ``anomalyclip serve --ray`` does."""
+    start_ray()
     from ray import serve
 
     from anomalyclip.serve.ray_serve import APP_NAME, build_deployment
@@ -58,7 +59,6 @@ def ray_url(tmp_path_factory, model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = ServeSettings(max_batch_size=8, batch_wait_ms=50)
@@ -66,11 +66,11 @@ def ray_url(tmp_path_factory, model):
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.shutdown()  # Ray itself stops after the last test that uses it (tests/ray_session.py)
 
 
-def test_ray_serve_answers_like_the_local_app(ray_url, model, images):
+@RAY_GROUP
+def test_ray_serve_answers_like_the_local_app(ray_runtime, ray_url, model, images):
     local = create_app(model)
     query = "?map=1&image_threshold=0.3&pixel_threshold=0.5"
 

@@ -7,11 +7,12 @@ for it), so no other test runs beside an idle Ray. ``anomalyclip predict --ray``
 process joins it (``start_ray`` reuses an initialized Ray).
 
 Those tests come one after the other in the collection (the end of ``test_distributed.py``, then
-``test_distributed_serve.py``), so a plain run starts Ray once, and so does each pytest-xdist
-worker under ``pytest -n N`` (``--dist load`` hands a worker consecutive tests, every other one
-at first, so each worker's share of them is consecutive too). They also carry
-``pytest.mark.xdist_group("ray")`` for ``--dist loadgroup``, which puts them all on one worker
-(not with pytest 9.2 and pytest-xdist 3.8, which lose the groups: pytest-xdist issue 1386).
+``test_distributed_serve.py``), so a plain run starts Ray once. Under ``pytest -n N`` (``--dist
+load``) each worker gets chunks of consecutive tests: the Ray tests usually land on one worker,
+and a worker's share of them runs one after the other, so each worker starts Ray at most once.
+They also carry ``pytest.mark.xdist_group("ray")`` for ``--dist loadgroup``, which puts them all
+on one worker (not with pytest 9.2 and pytest-xdist 3.8, which lose the groups: pytest-xdist
+issue 1386).
 """
 
 from __future__ import annotations

@@ -255,16 +255,23 @@ def test_ray_flags_need_ray(tmp_path, capsys):
 # The tests that need a running Ray come last in this module, and the Ray Serve test
 # (test_distributed_serve.py) right after them: the session's Ray starts once for them all in a
 # plain run, and at most once per pytest-xdist worker (tests/ray_session.py).
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _map_worker_pids() -> set[int]:
-    """Processes of our Ray Data actors, by their Ray process title."""
+    """Processes of our Ray Data actors, by their Ray process title: children of the raylet this
+    process started (another pytest-xdist worker may run its own Ray and actors meanwhile)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 title = (entry / "cmdline").read_bytes()
-            except OSError:
+                ours = title.startswith(b"ray::MapWorker(MapBatches(AnomalyCLIPPredictor))")
+                ours = ours and _parent(_parent(int(entry.name))) == os.getpid()
+            except (OSError, ValueError, IndexError):
                 continue
-            if title.startswith(b"ray::MapWorker(MapBatches(AnomalyCLIPPredictor))"):
+            if ours:
                 pids.add(int(entry.name))
     return pids
 

@@ -295,11 +295,14 @@ print("ok")
 """
 
 
-def test_runtime_runs_with_torch_blocked(torch_reference, exported, tmp_path):
-    path = exported(*ANY)
+def check_isolated_run(script: str, path, torch_reference, tmp_path) -> None:
+    """Run ``script`` (one of the blocked-import scripts: it scores images A and B with the export
+    at ``path`` and saves the results to an ``.npz``) in a subprocess, and compare its results with
+    the torch model's (scores 1e-4, maps 1e-3, labels at 0.5, the mask at 0.9). Shared with the
+    OpenVINO test."""
     out = tmp_path / "results.npz"
     proc = subprocess.run(
-        [sys.executable, "-c", _TORCH_FREE_SCRIPT, str(path), str(IMAGE_A), str(IMAGE_B), str(out)],
+        [sys.executable, "-c", script, str(path), str(IMAGE_A), str(IMAGE_B), str(out)],
         capture_output=True,
         text=True,
         env=_repo_env(),
@@ -315,6 +318,10 @@ def test_runtime_runs_with_torch_blocked(torch_reference, exported, tmp_path):
     assert _max_abs(got["map_b"], torch_results[1].anomaly_map) <= 1e-3
     assert list(got["labels"]) == [int(r.score > 0.5) for r in torch_results]
     assert np.array_equal(got["mask_a"], got["map_a"] > 0.9)
+
+
+def test_runtime_runs_with_torch_blocked(torch_reference, exported, tmp_path):
+    check_isolated_run(_TORCH_FREE_SCRIPT, exported(*ANY), torch_reference, tmp_path)
 
 
 # ----------------------------------------------------------------------------- CLI

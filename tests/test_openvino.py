@@ -8,7 +8,6 @@ deviation (docs/deployment.md) with a margin.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,23 +172,6 @@ print("ok")
 
 
 def test_openvino_runs_without_torch_or_onnxruntime(torch_reference, exported, tmp_path):
-    from .test_onnx import _repo_env
+    from .test_onnx import check_isolated_run
 
-    out = tmp_path / "results.npz"
-    proc = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH_NO_ONNXRUNTIME, str(exported(*ANY)), str(IMAGE_A), str(IMAGE_B), str(out)],
-        capture_output=True,
-        text=True,
-        env=_repo_env(),
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().endswith("ok")
-    got = np.load(out)
-    torch_results = torch_reference(*ANY)[2][:2]  # images A, B
-    assert min(abs(r.score - 0.5) for r in torch_results) > 1e-2  # labels clear of the 1e-4 tolerance
-    assert max_abs(got["scores"], [r.score for r in torch_results]) <= 1e-4
-    assert max_abs(got["map_a"], torch_results[0].anomaly_map) <= 1e-3
-    assert max_abs(got["map_b"], torch_results[1].anomaly_map) <= 1e-3
-    assert list(got["labels"]) == [int(r.score > 0.5) for r in torch_results]
-    assert np.array_equal(got["mask_a"], got["map_a"] > 0.9)
+    check_isolated_run(_NO_TORCH_NO_ONNXRUNTIME, exported(*ANY), torch_reference, tmp_path)

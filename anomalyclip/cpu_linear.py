@@ -81,8 +81,7 @@ def set_cpu_linear_backend(backend: str) -> str:
     if backend not in CPU_LINEAR_BACKENDS:
         raise InvalidInputError(f"Unknown CPU linear backend {backend!r}; use one of {', '.join(CPU_LINEAR_BACKENDS)}.")
     previous = get_cpu_linear_backend()
-    _SETTINGS.backend = backend
-    _SETTINGS.choices.clear()
+    _SETTINGS.backend = backend  # "auto"'s measurements stay: switching back does not measure again
     return previous
 
 

@@ -65,12 +65,15 @@ def _max_abs(a: Any, b: Any) -> float:
 
 
 def _interleaved(
-    backends: dict[str, Callable[[], Any]], warmup: int, repeats: int
+    backends: dict[str, Callable[[], Any]], warmup: int, repeats: int, pause: float = 1.0
 ) -> dict[str, tuple[list[float], Any, float | None, float | None]]:
     """Per backend: (times, last result, other-process CPU s).
 
     The warm-up runs backend after backend; the timed runs alternate between backends, repeat
     after repeat, so that load from other processes on a shared machine falls on all of them alike.
+    Each timed run starts ``pause`` seconds after the previous one ended: the previous backend's
+    worker threads (onnxruntime's and OpenVINO's pools, OpenMP's) spin for a while after a run
+    and would otherwise take CPU from the next backend.
     """
     for fn in backends.values():
         for _ in range(warmup):
@@ -80,6 +83,7 @@ def _interleaved(
     last: dict[str, Any] = {}
     for _ in range(repeats):
         for label, fn in backends.items():
+            time.sleep(pause)
             with OtherLoad() as load:
                 start = time.perf_counter()
                 last[label] = fn()

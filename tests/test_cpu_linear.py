@@ -110,6 +110,7 @@ def test_not_used_under_autograd_and_gradients_are_right(backend, spy):
 def test_auto_measures_once_per_shape_and_mkl_never_packs(backend, spy, monkeypatch):
     measured = []
     monkeypatch.setattr(cpu_linear, "_measure", lambda weight, bias: measured.append(tuple(weight.shape)) or True)
+    monkeypatch.setattr(cpu_linear._SETTINGS, "choices", {})  # nothing measured yet in this process
     backend("auto")
     x = torch.randn(4, 8)
     with torch.no_grad():
@@ -121,6 +122,10 @@ def test_auto_measures_once_per_shape_and_mkl_never_packs(backend, spy, monkeypa
     with torch.no_grad():
         ops.linear(x, torch.randn(16, 8), None)
     assert len(spy) == 4
+    backend("auto")  # back to auto: the shapes measured before are not measured again
+    with torch.no_grad():
+        ops.linear(x, torch.randn(16, 8), None)
+    assert measured == [(16, 8), (12, 8)] and len(spy) == 5
 
 
 def test_unknown_backend_is_refused_and_the_environment_is_read(backend, monkeypatch):

@@ -42,6 +42,7 @@ __all__ = [
     "use_packed",
     "packed_linear",
     "clear_packed_weights",
+    "auto_choices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,14 @@ def get_cpu_linear_backend() -> str:
     if _SETTINGS.backend is None:
         _SETTINGS.backend = _env_backend()
     return _SETTINGS.backend
+
+
+def auto_choices() -> dict[str, str]:
+    """What ``"auto"`` measured so far: ``"in x out (dtype)"`` -> ``"onednn"`` or ``"mkl"``."""
+    return {
+        f"{k} x {n} ({str(dtype).removeprefix('torch.')})": "onednn" if packed else "mkl"
+        for (dtype, k, n), packed in _SETTINGS.choices.items()
+    }
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_attention import attention as cpu_attention
 from .cpu_linear import packed_linear, use_packed
 from .float8 import eligible as float8_eligible
 from .float8 import linear as float8_linear
@@ -194,9 +195,15 @@ def project(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """``scaled_dot_product_attention`` (fused); in float32 where :func:`_linear` would be."""
+    """``scaled_dot_product_attention``; in float32 where :func:`_linear` would be.
+
+    Non-causal float32 attention on the CPU may run head by head through oneDNN where that is
+    faster (:mod:`anomalyclip.cpu_attention`); within :func:`plain_matmuls` it is always fused.
+    """
     up = matmul_dtype(q)
     if up is None:
+        if not causal and q.device.type == "cpu" and not _PLAIN.get():
+            return cpu_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return F.scaled_dot_product_attention(q.to(up), k.to(up), v.to(up), is_causal=causal).to(q.dtype)
 

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from anomalyclip import AnomalyCLIP
 from anomalyclip.flops import ModelDims, count_inference_flops
 from anomalyclip.runtime import resolve_dtype
-from anomalyclip import cpu_linear, float8, ops, vision
+from anomalyclip import cpu_attention, cpu_linear, float8, ops, vision
 from anomalyclip.vision import VisionFeatures, embed_patches
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
@@ -664,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="anomalyclip.vision.set_cpu_low_precision_matmul policy for bfloat16/float16 on the CPU (default: auto)")
     parser.add_argument("--cpu-linear", default=None, choices=list(cpu_linear.CPU_LINEAR_BACKENDS),
                         help="CPU kernel of the library's matrix products (anomalyclip.cpu_linear; default: ANOMALYCLIP_CPU_LINEAR or auto)")
+    parser.add_argument("--cpu-attention", default=None, choices=list(cpu_attention.CPU_ATTENTION_BACKENDS),
+                        help="CPU attention kernel (anomalyclip.cpu_attention; default: ANOMALYCLIP_CPU_ATTENTION or auto)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--markdown", default=None, help="also write the markdown tables to this file (and print them)")
     args = parser.parse_args(argv)
@@ -677,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.cpu_linear is not None:
         cpu_linear.set_cpu_linear_backend(args.cpu_linear)
+    if args.cpu_attention is not None:
+        cpu_attention.set_cpu_attention_backend(args.cpu_attention)
     batch_sizes = _batch_list(args.batch_sizes)
     official_batches = set(_batch_list(args.official_batch_sizes)) if args.official_batch_sizes else set(batch_sizes)
     graph_batches = set(_batch_list(args.cuda_graph)) if cuda else set()
@@ -692,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_description(device)}; device {device}; torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; dtypes {', '.join(names)}; S = {args.image_size}; model {args.model}; "
           f"compile {args.compile}; CPU low-precision matmul {vision.get_cpu_low_precision_matmul()!r}; "
-          f"CPU linear {cpu_linear.get_cpu_linear_backend()!r}")
+          f"CPU linear {cpu_linear.get_cpu_linear_backend()!r}; CPU attention {cpu_attention.get_cpu_attention_backend()!r}")
     if cuda:
         print(f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}; cuDNN TF32 {torch.backends.cudnn.allow_tf32}; "
               f"flash SDPA {torch.backends.cuda.flash_sdp_enabled()}; mem-efficient SDPA {torch.backends.cuda.mem_efficient_sdp_enabled()}")
@@ -818,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not isinstance(d, str) and library_matmul_dtype(device, d) != d for d in dtypes):
         print("(this PyTorch build has no fast kernel on this CPU for some dtype: anomalyclip computes its GEMMs in float32 "
               f"(get_cpu_low_precision_matmul() = {vision.get_cpu_low_precision_matmul()!r}); the float32 GEMM is the reference)")
+    print(f"auto's CPU kernel choices: linear {cpu_linear.auto_choices()}; attention {cpu_attention.auto_choices()}")
     with contextlib.suppress(OSError):
         print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
 

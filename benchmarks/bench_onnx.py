@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from bench_inference import OtherLoad, _use_forward, build_model, machine_description  # noqa: E402  (benchmarks/ is on sys.path)
 
-from anomalyclip import AnomalyCLIP, cpu_linear  # noqa: E402
+from anomalyclip import AnomalyCLIP, cpu_attention, cpu_linear  # noqa: E402
 from anomalyclip.onnx import OnnxAnomalyCLIP, quantize_int8  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "golden"
@@ -172,9 +172,12 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pixel_values = torch.randn(b, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(b))
         array = pixel_values.numpy()
 
-        def torch_forward(references: Any = None, linear: str | None = None, mode: str = "ours") -> tuple[np.ndarray, np.ndarray]:
+        def torch_forward(
+            references: Any = None, linear: str | None = None, mode: str = "ours", attention: str | None = None
+        ) -> tuple[np.ndarray, np.ndarray]:
             model.references = references
             previous = cpu_linear.set_cpu_linear_backend(linear) if linear else None
+            previous_attention = cpu_attention.set_cpu_attention_backend(attention) if attention else None
             _use_forward(model, mode)
             try:
                 with torch.inference_mode():
@@ -183,11 +186,15 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 _use_forward(model, "ours")
                 if previous is not None:
                     cpu_linear.set_cpu_linear_backend(previous)
+                if previous_attention is not None:
+                    cpu_attention.set_cpu_attention_backend(previous_attention)
             return out.scores.numpy(), out.anomaly_maps.numpy()
 
         backends: dict[str, Callable[[], Any]] = {"torch": torch_forward}
         for linear in args.torch_linear:  # the library's forward with each CPU linear kernel
             backends[f"torch ({linear})"] = lambda linear=linear: torch_forward(linear=linear)
+        for attention in args.torch_attention:  # ... and with each CPU attention kernel
+            backends[f"torch (attention {attention})"] = lambda attention=attention: torch_forward(attention=attention)
         if args.official:
             backends["torch official-style"] = lambda: torch_forward(linear="mkl", mode="official")
         if memory is not None:
@@ -304,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-linear", default="",
                         help="also time the torch forward with these CPU linear backends, e.g. onednn,mkl "
                              "(anomalyclip.cpu_linear; 'torch' alone uses the current one, ANOMALYCLIP_CPU_LINEAR or auto)")
+    parser.add_argument("--torch-attention", default="",
+                        help="also time the torch forward with these CPU attention backends, e.g. sdpa,onednn "
+                             "(anomalyclip.cpu_attention)")
     parser.add_argument("--official", action="store_true",
                         help="also time the official-style forward (bench_inference; F.linear as the release runs it)")
     parser.add_argument("--export-dir", default=None,
@@ -317,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     for linear in args.torch_linear:
         if linear not in cpu_linear.CPU_LINEAR_BACKENDS:
             parser.error(f"--torch-linear: unknown backend {linear!r}; use {', '.join(cpu_linear.CPU_LINEAR_BACKENDS)}")
+    args.torch_attention = [x.strip() for x in args.torch_attention.split(",") if x.strip()]
+    for attention in args.torch_attention:
+        if attention not in cpu_attention.CPU_ATTENTION_BACKENDS:
+            parser.error(f"--torch-attention: unknown backend {attention!r}; "
+                         f"use {', '.join(cpu_attention.CPU_ATTENTION_BACKENDS)}")
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer logs every node at INFO
 
@@ -324,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine_description(torch.device('cpu'))}{_int8_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"onnxruntime {onnxruntime.__version__} ({args.threads} intra-op threads); S = {args.image_size}; "
-          f"CPU linear backend {cpu_linear.get_cpu_linear_backend()!r}")
+          f"CPU linear backend {cpu_linear.get_cpu_linear_backend()!r}; "
+          f"CPU attention backend {cpu_attention.get_cpu_attention_backend()!r}")
     if args.openvino:
         import openvino
 
@@ -337,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             results["golden"] = golden(args, workdir)
         if not args.no_speed:
             results["speed"] = speed(args, workdir)
+    print(f"auto's CPU kernel choices: linear {cpu_linear.auto_choices()}; "
+          f"attention {cpu_attention.auto_choices()}")
     print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -1,0 +1,182 @@
+"""CPU attention head by head through oneDNN, where it beats fused SDPA, chosen per shape by measurement.
+
+PyTorch's fused ``scaled_dot_product_attention`` on the CPU computes its blocks with the BLAS's
+float32 GEMM (MKL), which on some CPUs (AMD EPYC) runs at about half of oneDNN's rate. There an
+explicit form can win: per head, ``s = (q / sqrt(d)) k^T`` in one oneDNN product, the softmax in
+place on ``s``, then ``s v`` through oneDNN. Where MKL is fast (Intel), the fused kernel wins
+(docs/benchmarks.md, "CPU kernels"). So, like :mod:`anomalyclip.cpu_linear`, this is a process-wide
+choice (:func:`set_cpu_attention_backend`, or the environment variable ``ANOMALYCLIP_CPU_ATTENTION``):
+
+- ``"auto"`` (default): for each (dtype, heads, query rows, keys, head size) met, the first call
+  times both forms on its own first sample (interleaved, best of 2 after a warm-up: a few hundred
+  milliseconds for ViT-L at 518 px, once per process) and keeps the explicit form only where it is
+  at least 5 % faster;
+- ``"sdpa"``: always the fused kernel;
+- ``"onednn"``: always the explicit form where it applies.
+
+The explicit form applies to float32 CPU inputs ``[B, H, N, d]`` without a causal mask and with at
+least :data:`MIN_QUERY_ROWS` query rows (a class-token query stays fused), for inference only: under
+autograd, tracing, compiling and ONNX export the fused kernel runs. The two forms agree to float32
+rounding (a few 1e-7 on unit-scale inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .cpu_linear import onednn_linear_available
+from .errors import InvalidInputError
+from .weight_cache import inference_only
+
+__all__ = [
+    "CPU_ATTENTION_BACKENDS",
+    "MIN_QUERY_ROWS",
+    "set_cpu_attention_backend",
+    "get_cpu_attention_backend",
+    "attention",
+    "explicit_attention",
+    "auto_choices",
+]
+
+logger = logging.getLogger(__name__)
+
+CPU_ATTENTION_BACKENDS = ("auto", "sdpa", "onednn")
+ENV_VAR = "ANOMALYCLIP_CPU_ATTENTION"
+MIN_QUERY_ROWS = 64
+_MARGIN = 0.95  # "auto" keeps the explicit form only if it takes under 95 % of the fused kernel's time
+_PROBE_REPEATS = 2
+
+
+class _Settings:
+    """Process-wide state (like ``torch.backends`` flags): the backend and what ``auto`` measured."""
+
+    def __init__(self) -> None:
+        self.backend: str | None = None  # None: not yet read from the environment
+        self.choices: dict[tuple, bool] = {}  # (dtype, heads, rows, keys, head size) -> explicit is faster
+
+
+_SETTINGS = _Settings()
+
+
+def set_cpu_attention_backend(backend: str) -> str:
+    """Choose the CPU attention kernel (process-wide); returns the previous one.
+
+    Args:
+        backend: ``"auto"`` (measure both forms once per shape and keep the faster), ``"sdpa"``
+            (always the fused kernel) or ``"onednn"`` (the explicit per-head form where it applies).
+    """
+    if backend not in CPU_ATTENTION_BACKENDS:
+        raise InvalidInputError(
+            f"Unknown CPU attention backend {backend!r}; use one of {', '.join(CPU_ATTENTION_BACKENDS)}."
+        )
+    previous = get_cpu_attention_backend()
+    _SETTINGS.backend = backend  # "auto"'s measurements stay: switching back does not measure again
+    return previous
+
+
+def get_cpu_attention_backend() -> str:
+    """The current backend (first read from ``ANOMALYCLIP_CPU_ATTENTION``, default ``"auto"``)."""
+    if _SETTINGS.backend is None:
+        value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if value not in CPU_ATTENTION_BACKENDS:
+            logger.warning("Ignoring %s=%r: use one of %s.", ENV_VAR, value, ", ".join(CPU_ATTENTION_BACKENDS))
+            value = "auto"
+        _SETTINGS.backend = value
+    return _SETTINGS.backend
+
+
+def auto_choices() -> dict[str, str]:
+    """What ``"auto"`` measured so far: ``"heads x rows x keys x head size (dtype)"`` -> ``"onednn"`` or ``"sdpa"``."""
+    return {
+        f"{h} x {n} x {m} x {d} ({str(dtype).removeprefix('torch.')})": "onednn" if explicit else "sdpa"
+        for (dtype, h, n, m, d), explicit in _SETTINGS.choices.items()
+    }
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` head by head through oneDNN (CPU, float32, no autograd).
+
+    Args:
+        q: ``[B, H, N, d]`` queries (views with any strides).
+        k, v: ``[B, H, M, d]`` keys and values.
+
+    Returns:
+        ``[B, H, N, d]``, laid out as ``[B, N, H, d]`` in memory (as the fused kernel returns it), so
+        that merging the heads is a view.
+    """
+    b, h, n, d = q.shape
+    linear = torch.ops.mkldnn._linear_pointwise
+    qs = (q * d**-0.5).contiguous()
+    kc = k.contiguous()
+    vt = v.transpose(-1, -2).contiguous()  # [B, H, d, M]: s @ v as a product with a [d, M] weight
+    out = torch.empty(b, n, h, d, dtype=q.dtype)
+    for i in range(b):
+        for j in range(h):
+            s = linear(qs[i, j], kc[i, j], None, "none", [], "")  # [N, M] scores
+            torch.softmax(s, -1, out=s)
+            out[i, :, j] = linear(s, vt[i, j], None, "none", [], "")
+    return out.transpose(1, 2)
+
+
+def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.ndim == k.ndim == v.ndim == 4
+        and q.shape[-2] >= MIN_QUERY_ROWS
+        and inference_only(q, k)
+        and inference_only(v, k)
+        and onednn_linear_available(torch.float32)
+    )
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Time both forms on the first sample of the batch (interleaved, best of 2 after a warm-up)."""
+    q1, k1, v1 = q[:1], k[:1], v[:1]
+
+    def fused() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q1, k1, v1)
+
+    def explicit() -> torch.Tensor:
+        return explicit_attention(q1, k1, v1)
+
+    fused(), explicit()  # warm-up
+    fused_s, explicit_s = float("inf"), float("inf")
+    for _ in range(_PROBE_REPEATS):
+        fused_s = min(fused_s, _seconds(fused))
+        explicit_s = min(explicit_s, _seconds(explicit))
+    logger.debug(
+        "CPU attention %s: fused SDPA %.2f ms, oneDNN per head %.2f ms", tuple(q1.shape), fused_s * 1e3, explicit_s * 1e3
+    )
+    return explicit_s < _MARGIN * fused_s
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal ``softmax(q k^T / sqrt(d)) v`` for ``q [B, H, N, d]``, ``k, v [B, H, M, d]``.
+
+    The explicit oneDNN form where it applies and the backend picks it (see the module doc), else
+    fused ``scaled_dot_product_attention``.
+    """
+    backend = get_cpu_attention_backend()
+    if backend == "sdpa" or not _applies(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "auto":
+        key = (q.dtype, q.shape[1], q.shape[2], k.shape[2], q.shape[3])
+        choice = _SETTINGS.choices.get(key)
+        if choice is None:
+            choice = _SETTINGS.choices[key] = _explicit_is_faster(q, k, v)
+        if not choice:
+            return F.scaled_dot_product_attention(q, k, v)
+    return explicit_attention(q, k, v)

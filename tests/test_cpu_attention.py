@@ -1,0 +1,160 @@
+"""The CPU attention kernels (anomalyclip.cpu_attention): the explicit per-head oneDNN form equals
+fused SDPA and a float64 reference to float32 rounding, is used only where it applies (inference,
+float32, enough query rows), is chosen by measurement once per shape, and keeps the golden outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomalyclip import cpu_attention, cpu_linear, ops
+from anomalyclip.errors import InvalidInputError
+
+from .conftest import IMAGE_A
+
+pytestmark = pytest.mark.skipif(
+    not cpu_linear.onednn_linear_available(torch.float32), reason="this PyTorch build has no oneDNN linear"
+)
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Set the backend for one test (nothing measured yet) and restore the previous one afterwards."""
+    monkeypatch.setattr(cpu_attention._SETTINGS, "choices", {})
+    previous = cpu_attention.get_cpu_attention_backend()
+    yield cpu_attention.set_cpu_attention_backend
+    cpu_attention.set_cpu_attention_backend(previous)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of the explicit form."""
+    calls = []
+    real = cpu_attention.explicit_attention
+
+    def counted(q, k, v):
+        calls.append(tuple(q.shape))
+        return real(q, k, v)
+
+    monkeypatch.setattr(cpu_attention, "explicit_attention", counted)
+    return calls
+
+
+def _qkv(batch=2, heads=3, rows=80, keys=80, dim=16, seed=0):
+    """q, k, v as strided views of one projection, as ``ops.qkv_heads`` returns them."""
+    gen = torch.Generator().manual_seed(seed)
+    if rows == keys:
+        qkv = torch.randn(batch, rows, 3, heads, dim, generator=gen).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+    q = torch.randn(batch, rows, heads, dim, generator=gen).transpose(1, 2)
+    kv = torch.randn(batch, keys, 2, heads, dim, generator=gen).permute(2, 0, 3, 1, 4)
+    return q, kv[0], kv[1]
+
+
+def _reference(q, k, v):
+    """float64 ``softmax(q k^T / sqrt(d)) v``."""
+    q, k, v = q.double(), k.double(), v.double()
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+
+
+@pytest.mark.parametrize("rows,keys", [(80, 80), (70, 130)])
+def test_explicit_form_equals_sdpa_and_a_float64_reference(rows, keys):
+    q, k, v = _qkv(rows=rows, keys=keys)
+    with torch.inference_mode():
+        explicit = cpu_attention.explicit_attention(q, k, v)
+        fused = F.scaled_dot_product_attention(q, k, v)
+    assert explicit.shape == fused.shape == (2, 3, rows, 16)
+    assert (explicit.double() - _reference(q, k, v)).abs().max().item() < 1e-5
+    torch.testing.assert_close(explicit, fused, rtol=0, atol=1e-5)
+    assert ops.merge_heads(explicit).shape == (2, rows, 48)
+
+
+def test_used_only_where_it_applies(backend, spy):
+    backend("onednn")
+    q, k, v = _qkv()
+    with torch.inference_mode():
+        ops.sdpa(q, k, v)  # float32, 80 query rows: the explicit form
+        ops.sdpa(q[:, :, :1], k, v)  # a class-token query: fused
+        ops.sdpa(q, k, v, causal=True)  # causal (the text tower): fused
+        ops.sdpa(q.double(), k.double(), v.double())  # not float32: fused
+        with ops.plain_matmuls():  # the export's forward: fused
+            ops.sdpa(q, k, v)
+    assert spy == [(2, 3, 80, 16)]
+    backend("sdpa")
+    with torch.inference_mode():
+        ops.sdpa(q, k, v)
+    assert len(spy) == 1
+
+
+def test_not_used_under_autograd_and_gradients_are_right(backend, spy):
+    backend("onednn")
+    q, k, v = (t.detach().clone().requires_grad_() for t in _qkv(batch=1, heads=2, rows=64, keys=64, dim=8))
+    out = ops.sdpa(q, k, v)
+    out.square().sum().backward()
+    assert spy == []
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    _reference(qd, kd, vd).square().sum().backward()
+    for got, want in ((q, qd), (k, kd), (v, vd)):
+        assert (got.grad.double() - want.grad).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("explicit_wins", [True, False])
+def test_auto_measures_once_per_shape_and_keeps_the_faster(backend, spy, monkeypatch, explicit_wins):
+    measured = []
+    monkeypatch.setattr(
+        cpu_attention, "_explicit_is_faster", lambda q, k, v: measured.append(tuple(q.shape)) or explicit_wins
+    )
+    backend("auto")
+    q, k, v = _qkv()
+    q2, k2, v2 = _qkv(rows=96, keys=96)
+    with torch.inference_mode():
+        for _ in range(3):
+            ops.sdpa(q, k, v)
+        ops.sdpa(q[:1], k[:1], v[:1])  # another batch size, same shape otherwise: not measured again
+        ops.sdpa(q2, k2, v2)
+        backend("sdpa")
+        backend("auto")  # switching back keeps the measurements
+        ops.sdpa(q, k, v)
+    assert measured == [(2, 3, 80, 16), (2, 3, 96, 16)]
+    assert len(spy) == (6 if explicit_wins else 0)
+
+
+def test_the_probe_times_both_forms_on_one_sample(monkeypatch):
+    """``_explicit_is_faster`` compares the forms' times with a 5 % margin for the explicit one."""
+    q, k, v = _qkv()
+    seen = []
+    real = cpu_attention.explicit_attention
+    monkeypatch.setattr(cpu_attention, "explicit_attention", lambda q, k, v: seen.append(q.shape[0]) or real(q, k, v))
+    for fused_s, explicit_s, expected in ((1.0, 0.9, True), (1.0, 0.97, False), (1.0, 1.5, False)):
+        times = iter([fused_s, explicit_s] * 4)
+        monkeypatch.setattr(cpu_attention, "_seconds", lambda fn: fn() is None or next(times))
+        with torch.inference_mode():
+            assert cpu_attention._explicit_is_faster(q, k, v) is expected
+    assert seen and set(seen) == {1}  # on the first sample only
+
+
+def test_unknown_backend_is_refused_and_the_environment_is_read(backend, monkeypatch):
+    with pytest.raises(InvalidInputError, match="sdpa"):
+        backend("fast")
+    monkeypatch.setenv(cpu_attention.ENV_VAR, "sdpa")
+    monkeypatch.setattr(cpu_attention._SETTINGS, "backend", None)
+    assert cpu_attention.get_cpu_attention_backend() == "sdpa"
+    monkeypatch.setenv(cpu_attention.ENV_VAR, "quick")
+    monkeypatch.setattr(cpu_attention._SETTINGS, "backend", None)
+    assert cpu_attention.get_cpu_attention_backend() == "auto"
+
+
+def test_model_forward_equal_with_either_kernel(golden_model, backend, spy):
+    """The golden model at 518 px (1,370 tokens): both attention paths of every DPAM block."""
+    pixels = golden_model.preprocess([IMAGE_A])
+    backend("sdpa")
+    with torch.inference_mode():
+        fused = golden_model(pixels)
+    assert spy == []
+    backend("onednn")
+    with torch.inference_mode():
+        explicit = golden_model(pixels)
+    assert spy and all(shape[2] == 1370 for shape in spy)
+    torch.testing.assert_close(explicit.scores, fused.scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(explicit.anomaly_maps, fused.anomaly_maps, rtol=0, atol=1e-4)

@@ -23,7 +23,6 @@ rounding (a few 1e-7 on unit-scale inputs).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_linear import onednn_linear_available
-from .errors import InvalidInputError
+from .kernel_choice import KernelChoice
 from .weight_cache import inference_only
 
 __all__ = [
@@ -53,15 +52,7 @@ _MARGIN = 0.95  # "auto" keeps the explicit form only if it takes under 95 % of 
 _PROBE_REPEATS = 2
 
 
-class _Settings:
-    """Process-wide state (like ``torch.backends`` flags): the backend and what ``auto`` measured."""
-
-    def __init__(self) -> None:
-        self.backend: str | None = None  # None: not yet read from the environment
-        self.choices: dict[tuple, bool] = {}  # (dtype, heads, rows, keys, head size) -> explicit is faster
-
-
-_SETTINGS = _Settings()
+_SETTINGS = KernelChoice("CPU attention", ENV_VAR, CPU_ATTENTION_BACKENDS)  # choices: shape -> explicit faster
 
 
 def set_cpu_attention_backend(backend: str) -> str:
@@ -70,25 +61,14 @@ def set_cpu_attention_backend(backend: str) -> str:
     Args:
         backend: ``"auto"`` (measure both forms once per shape and keep the faster), ``"sdpa"``
             (always the fused kernel) or ``"onednn"`` (the explicit per-head form where it applies).
+            Switching keeps what ``"auto"`` measured.
     """
-    if backend not in CPU_ATTENTION_BACKENDS:
-        raise InvalidInputError(
-            f"Unknown CPU attention backend {backend!r}; use one of {', '.join(CPU_ATTENTION_BACKENDS)}."
-        )
-    previous = get_cpu_attention_backend()
-    _SETTINGS.backend = backend  # "auto"'s measurements stay: switching back does not measure again
-    return previous
+    return _SETTINGS.set(backend)
 
 
 def get_cpu_attention_backend() -> str:
     """The current backend (first read from ``ANOMALYCLIP_CPU_ATTENTION``, default ``"auto"``)."""
-    if _SETTINGS.backend is None:
-        value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if value not in CPU_ATTENTION_BACKENDS:
-            logger.warning("Ignoring %s=%r: use one of %s.", ENV_VAR, value, ", ".join(CPU_ATTENTION_BACKENDS))
-            value = "auto"
-        _SETTINGS.backend = value
-    return _SETTINGS.backend
+    return _SETTINGS.get()
 
 
 def auto_choices() -> dict[str, str]:

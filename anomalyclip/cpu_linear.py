@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
+from .kernel_choice import KernelChoice
 from .weight_cache import WeightCache, inference_only
 
 __all__ = [
@@ -53,23 +52,7 @@ _PROBE_ROWS = 512
 _PROBE_REPEATS = 3
 
 
-class _Settings:
-    """Process-wide state (like ``torch.backends`` flags): the backend and what ``auto`` measured."""
-
-    def __init__(self) -> None:
-        self.backend: str | None = None  # None: not yet read from the environment
-        self.choices: dict[tuple[torch.dtype, int, int], bool] = {}  # shape -> oneDNN is faster
-
-
-_SETTINGS = _Settings()
-
-
-def _env_backend() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in CPU_LINEAR_BACKENDS:
-        logger.warning("Ignoring %s=%r: use one of %s.", ENV_VAR, value, ", ".join(CPU_LINEAR_BACKENDS))
-        return "auto"
-    return value
+_SETTINGS = KernelChoice("CPU linear", ENV_VAR, CPU_LINEAR_BACKENDS)  # choices: (dtype, in, out) -> oneDNN faster
 
 
 def set_cpu_linear_backend(backend: str) -> str:
@@ -78,19 +61,14 @@ def set_cpu_linear_backend(backend: str) -> str:
     Args:
         backend: ``"auto"`` (measure both kernels once per weight shape and keep the faster),
             ``"onednn"`` (oneDNN with packed weights where available) or ``"mkl"`` (``F.linear``).
+            Switching keeps what ``"auto"`` measured.
     """
-    if backend not in CPU_LINEAR_BACKENDS:
-        raise InvalidInputError(f"Unknown CPU linear backend {backend!r}; use one of {', '.join(CPU_LINEAR_BACKENDS)}.")
-    previous = get_cpu_linear_backend()
-    _SETTINGS.backend = backend  # "auto"'s measurements stay: switching back does not measure again
-    return previous
+    return _SETTINGS.set(backend)
 
 
 def get_cpu_linear_backend() -> str:
     """The current backend of :func:`set_cpu_linear_backend` (first read from ``ANOMALYCLIP_CPU_LINEAR``)."""
-    if _SETTINGS.backend is None:
-        _SETTINGS.backend = _env_backend()
-    return _SETTINGS.backend
+    return _SETTINGS.get()
 
 
 def auto_choices() -> dict[str, str]:

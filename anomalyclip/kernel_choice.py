@@ -1,0 +1,49 @@
+"""A process-wide choice of CPU kernel, like a ``torch.backends`` flag, with what ``"auto"`` measured.
+
+Shared by :mod:`anomalyclip.cpu_linear` and :mod:`anomalyclip.cpu_attention`: the backend is read
+once from an environment variable (``"auto"`` when unset or unknown), may be set in code, and
+``"auto"``'s per-shape measurements survive switching (switching back measures nothing again).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Hashable
+
+from .errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+class KernelChoice:
+    """The backend of one kind of kernel and ``"auto"``'s measurements (shape key -> faster kernel).
+
+    Args:
+        what: the kernel's name in messages, e.g. ``"CPU linear"``.
+        env_var: the environment variable read on first use.
+        backends: the allowed names; ``"auto"`` among them.
+    """
+
+    def __init__(self, what: str, env_var: str, backends: tuple[str, ...]) -> None:
+        self.what, self.env_var, self.backends = what, env_var, backends
+        self.backend: str | None = None  # None: not yet read from the environment
+        self.choices: dict[Hashable, bool] = {}  # shape key -> the non-default kernel is faster
+
+    def get(self) -> str:
+        """The current backend (first read from the environment variable, default ``"auto"``)."""
+        if self.backend is None:
+            value = os.environ.get(self.env_var, "auto").strip().lower() or "auto"
+            if value not in self.backends:
+                logger.warning("Ignoring %s=%r: use one of %s.", self.env_var, value, ", ".join(self.backends))
+                value = "auto"
+            self.backend = value
+        return self.backend
+
+    def set(self, backend: str) -> str:
+        """Set the backend; returns the previous one. Raises ``InvalidInputError`` for an unknown name."""
+        if backend not in self.backends:
+            raise InvalidInputError(f"Unknown {self.what} backend {backend!r}; use one of {', '.join(self.backends)}.")
+        previous = self.get()
+        self.backend = backend
+        return previous

@@ -241,7 +241,6 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> tupl
 def _ort_matmul(a: torch.Tensor, w: torch.Tensor) -> Callable[[], Any] | None:
     """``a @ w^T`` as a one-node onnxruntime ``MatMul`` graph (weight an initializer), or None without onnxruntime."""
     try:
-        import onnx
         import onnxruntime
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:

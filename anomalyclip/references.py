@@ -40,7 +40,6 @@ from .reference_fusion import (
 )
 from .reference_search import (
     DEFAULT_CHUNK_ELEMENTS,
-    _block_rows,  # re-exported for the tests of the search blocks
     greedy_coreset,
     leave_one_out_distances,
     nearest_neighbor_distance,

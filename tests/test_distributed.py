@@ -13,10 +13,8 @@ skipped.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
-import shutil
 import signal
 import sys
 import threading

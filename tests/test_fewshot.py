@@ -23,10 +23,10 @@ from anomalyclip.data.synthetic import make_synthetic_arrays, make_synthetic_dat
 from anomalyclip.references import (
     REFERENCES_NAME,
     ReferenceMemory,
-    _block_rows,
     greedy_coreset,
     nearest_neighbor_distance,
 )
+from anomalyclip.reference_search import _block_rows
 
 from .conftest import IMAGE_A, IMAGE_B, OFFICIAL_PTH, TINY_CLIP_REF
 

@@ -4,7 +4,6 @@ strict prompt loading, and config validation."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

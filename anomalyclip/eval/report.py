@@ -160,7 +160,7 @@ def build_html(report: EvaluationReport, compare: EvaluationReport | None = None
             f"{' vs '.join(labels)}, {settings.get('date', '')}"
         ),
         nav=" ".join(
-            [f'<a href="#run">Run</a>', f'<a href="#metrics">Metrics</a>']
+            ['<a href="#run">Run</a>', '<a href="#metrics">Metrics</a>']
             + [f'<a href="#class-{i}">{_esc(n)}</a>' for i, n in enumerate(names)]
         ),
         runs="".join(f"<div class=\"card\"><h3>{_esc(label)}</h3>{_run_table(r)}</div>" for label, r in zip(labels, runs)),

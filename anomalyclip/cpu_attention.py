@@ -17,7 +17,9 @@ choice (:func:`set_cpu_attention_backend`, or the environment variable ``ANOMALY
 The explicit form applies to float32 CPU inputs ``[B, H, N, d]`` without a causal mask and with at
 least :data:`MIN_QUERY_ROWS` query rows (a class-token query stays fused), for inference only: under
 autograd, tracing, compiling and ONNX export the fused kernel runs. The two forms agree to float32
-rounding (a few 1e-7 on unit-scale inputs).
+rounding (a few 1e-7 on unit-scale inputs). The explicit form holds at most
+:data:`SCORE_BLOCK_ELEMENTS` scores at a time (16 MB: a whole head at 518 px, row blocks on
+larger images).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .weight_cache import inference_only
 __all__ = [
     "CPU_ATTENTION_BACKENDS",
     "MIN_QUERY_ROWS",
+    "SCORE_BLOCK_ELEMENTS",
     "set_cpu_attention_backend",
     "get_cpu_attention_backend",
     "attention",
@@ -48,6 +51,9 @@ logger = logging.getLogger(__name__)
 CPU_ATTENTION_BACKENDS = ("auto", "sdpa", "onednn")
 ENV_VAR = "ANOMALYCLIP_CPU_ATTENTION"
 MIN_QUERY_ROWS = 64
+#: Largest score block (query rows x keys) held at once: 16 MB in float32. A whole head up to
+#: 2,048 tokens (518 px: 1,370), row blocks beyond, so memory stays bounded at any image size.
+SCORE_BLOCK_ELEMENTS = 1 << 22
 _MARGIN = 0.95  # "auto" keeps the explicit form only if it takes under 95 % of the fused kernel's time
 _PROBE_REPEATS = 2
 
@@ -88,7 +94,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     Returns:
         ``[B, H, N, d]``, laid out as ``[B, N, H, d]`` in memory (as the fused kernel returns it), so
-        that merging the heads is a view.
+        that merging the heads is a view. Scores are held for at most :data:`SCORE_BLOCK_ELEMENTS`
+        (query row, key) pairs at a time.
     """
     b, h, n, d = q.shape
     linear = torch.ops.mkldnn._linear_pointwise
@@ -96,11 +103,13 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     kc = k.contiguous()
     vt = v.transpose(-1, -2).contiguous()  # [B, H, d, M]: s @ v as a product with a [d, M] weight
     out = torch.empty(b, n, h, d, dtype=q.dtype)
+    rows = max(1, min(n, SCORE_BLOCK_ELEMENTS // k.shape[-2]))  # query rows per score block
     for i in range(b):
         for j in range(h):
-            s = linear(qs[i, j], kc[i, j], None, "none", [], "")  # [N, M] scores
-            torch.softmax(s, -1, out=s)
-            out[i, :, j] = linear(s, vt[i, j], None, "none", [], "")
+            for r in range(0, n, rows):
+                s = linear(qs[i, j, r : r + rows], kc[i, j], None, "none", [], "")  # [rows, M] scores
+                torch.softmax(s, -1, out=s)
+                out[i, r : r + rows, j] = linear(s, vt[i, j], None, "none", [], "")
     return out.transpose(1, 2)
 
 

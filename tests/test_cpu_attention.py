@@ -70,6 +70,16 @@ def test_explicit_form_equals_sdpa_and_a_float64_reference(rows, keys):
     assert ops.merge_heads(explicit).shape == (2, rows, 48)
 
 
+def test_row_blocks_of_long_sequences_give_the_same_result(monkeypatch):
+    q, k, v = _qkv(batch=1, rows=100, keys=100)
+    with torch.inference_mode():
+        whole = cpu_attention.explicit_attention(q, k, v)
+        monkeypatch.setattr(cpu_attention, "SCORE_BLOCK_ELEMENTS", 30 * 100)  # blocks of 30, 30, 30, 10 rows
+        blocked = cpu_attention.explicit_attention(q, k, v)
+    assert (blocked.double() - _reference(q, k, v)).abs().max().item() < 1e-5
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6)
+
+
 def test_used_only_where_it_applies(backend, spy):
     backend("onednn")
     q, k, v = _qkv()

@@ -2,21 +2,24 @@
 
 PyTorch's fused ``scaled_dot_product_attention`` on the CPU computes its blocks with the BLAS's
 float32 GEMM (MKL), which on some CPUs (AMD EPYC) runs at about half of oneDNN's rate. There an
-explicit form can win: per head, ``s = (q / sqrt(d)) k^T`` in one oneDNN product, the softmax in
+explicit form may win (not yet measured on such a CPU; with MKL held to its AVX2 code on an Intel
+Xeon the two tie): per head, ``s = (q / sqrt(d)) k^T`` in one oneDNN product, the softmax in
 place on ``s``, then ``s v`` through oneDNN. Where MKL is fast (Intel), the fused kernel wins
 (docs/benchmarks.md, "CPU kernels"). So, like :mod:`anomalyclip.cpu_linear`, this is a process-wide
 choice (:func:`set_cpu_attention_backend`, or the environment variable ``ANOMALYCLIP_CPU_ATTENTION``):
 
 - ``"auto"`` (default): for each (dtype, heads, query rows, keys, head size) met, the first call
-  times both forms on its own first sample (interleaved, best of 2 after a warm-up: a few hundred
-  milliseconds for ViT-L at 518 px, once per process) and keeps the explicit form only where it is
-  at least 5 % faster;
+  times both forms on its own first sample (interleaved, best of 3 after a warm-up: about half a
+  second for ViT-L at 518 px, once per process and thread count) and keeps the explicit form only
+  where it is at least 5 % faster; :func:`clear_auto_choices` forgets the measurements;
 - ``"sdpa"``: always the fused kernel;
 - ``"onednn"``: always the explicit form where it applies.
 
-The explicit form applies to float32 CPU inputs ``[B, H, N, d]`` without a causal mask and with at
+The explicit form applies to float32 CPU inputs ``q [B, H, N, d]``, ``k, v [B, H, M, d]`` (same
+batch, heads and head size, no broadcasting, at least one key) without a causal mask and with at
 least :data:`MIN_QUERY_ROWS` query rows (a class-token query stays fused), for inference only: under
-autograd, tracing, compiling and ONNX export the fused kernel runs. The two forms agree to float32
+autograd (reverse or forward mode), autocast, tracing, compiling and ONNX export the fused kernel
+runs. The two forms agree to float32
 rounding (a few 1e-7 on unit-scale inputs). The explicit form holds at most
 :data:`SCORE_BLOCK_ELEMENTS` scores at a time (16 MB: a whole head at 518 px, row blocks on
 larger images).
@@ -44,6 +47,7 @@ __all__ = [
     "attention",
     "explicit_attention",
     "auto_choices",
+    "clear_auto_choices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,7 +59,7 @@ MIN_QUERY_ROWS = 64
 #: 2,048 tokens (518 px: 1,370), row blocks beyond, so memory stays bounded at any image size.
 SCORE_BLOCK_ELEMENTS = 1 << 22
 _MARGIN = 0.95  # "auto" keeps the explicit form only if it takes under 95 % of the fused kernel's time
-_PROBE_REPEATS = 2
+_PROBE_REPEATS = 3
 
 
 _SETTINGS = KernelChoice("CPU attention", ENV_VAR, CPU_ATTENTION_BACKENDS)  # choices: shape -> explicit faster
@@ -78,11 +82,17 @@ def get_cpu_attention_backend() -> str:
 
 
 def auto_choices() -> dict[str, str]:
-    """What ``"auto"`` measured so far: ``"heads x rows x keys x head size (dtype)"`` -> ``"onednn"`` or ``"sdpa"``."""
+    """What ``"auto"`` measured so far: ``"heads x rows x keys x head size (dtype, N threads)"`` ->
+    ``"onednn"`` or ``"sdpa"``."""
     return {
-        f"{h} x {n} x {m} x {d} ({str(dtype).removeprefix('torch.')})": "onednn" if explicit else "sdpa"
-        for (dtype, h, n, m, d), explicit in _SETTINGS.choices.items()
+        f"{h} x {n} x {m} x {d} ({str(dtype).removeprefix('torch.')}, {threads} threads)": "onednn" if explicit else "sdpa"
+        for ((dtype, h, n, m, d), threads), explicit in _SETTINGS.choices.items()
     }
+
+
+def clear_auto_choices() -> None:
+    """Forget what ``"auto"`` measured: the next forward measures each shape again."""
+    _SETTINGS.clear()
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -93,8 +103,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         k, v: ``[B, H, M, d]`` keys and values.
 
     Returns:
-        ``[B, H, N, d]``, laid out as ``[B, N, H, d]`` in memory (as the fused kernel returns it), so
-        that merging the heads is a view. Scores are held for at most :data:`SCORE_BLOCK_ELEMENTS`
+        ``[B, H, N, d]``, laid out as ``[B, N, H, d]`` in memory (as the fused kernel returns it for
+        views of one qkv projection), so that merging the heads is a view. Scores are held for at most :data:`SCORE_BLOCK_ELEMENTS`
         (query row, key) pairs at a time.
     """
     b, h, n, d = q.shape
@@ -118,9 +128,12 @@ def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
         and q.ndim == k.ndim == v.ndim == 4
-        and q.shape[-2] >= MIN_QUERY_ROWS
-        and inference_only(q, k)
+        and inference_only(q, k)  # first: under a trace the shapes below are traced values
         and inference_only(v, k)
+        and q.shape[:2] == k.shape[:2] == v.shape[:2]  # no broadcast batch or heads
+        and q.shape[-1] == k.shape[-1] == v.shape[-1]
+        and k.shape[-2] == v.shape[-2] >= 1
+        and q.shape[-2] >= MIN_QUERY_ROWS
         and onednn_linear_available(torch.float32)
     )
 
@@ -132,7 +145,7 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Time both forms on the first sample of the batch (interleaved, best of 2 after a warm-up)."""
+    """Time both forms on the first sample of the batch (interleaved, best of 3 after a warm-up)."""
     q1, k1, v1 = q[:1], k[:1], v[:1]
 
     def fused() -> torch.Tensor:
@@ -163,9 +176,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "auto":
         key = (q.dtype, q.shape[1], q.shape[2], k.shape[2], q.shape[3])
-        choice = _SETTINGS.choices.get(key)
-        if choice is None:
-            choice = _SETTINGS.choices[key] = _explicit_is_faster(q, k, v)
-        if not choice:
+        if not _SETTINGS.choose(key, lambda: _explicit_is_faster(q, k, v)):
             return F.scaled_dot_product_attention(q, k, v)
     return explicit_attention(q, k, v)

@@ -1,23 +1,26 @@
 """CPU matrix products through oneDNN with weights packed once, chosen per weight shape by measurement.
 
-PyTorch's ``F.linear`` on the CPU calls MKL's sgemm for float32. On x86 CPUs with AVX-512 (AMD
-EPYC and Intel Xeon alike) oneDNN's GEMM on a weight reordered once into its blocked layout
-(``torch.ops.mkldnn._linear_pointwise`` on ``torch.ops.mkldnn._reorder_linear_weight``) runs
-about 1.5-2x faster for the transformer's shapes; on other machines (Intel with AMX and many
-cores, Arm) MKL or the default path can be the faster one. So the backend is a process-wide
-choice (:func:`set_cpu_linear_backend`, or the environment variable ``ANOMALYCLIP_CPU_LINEAR``):
+PyTorch's ``F.linear`` on the CPU calls MKL's sgemm for float32. On AMD EPYC, oneDNN's GEMM on a
+weight reordered once into its blocked layout (``torch.ops.mkldnn._linear_pointwise`` on
+``torch.ops.mkldnn._reorder_linear_weight``) runs about 2x faster for the transformer's shapes (183
+against 375 GFLOP/s, measured on a 2-core EPYC); on
+the Intel Xeon measured here (AVX-512, AMX) the two tie, and elsewhere (small shapes, Arm) MKL or
+the default path can be the faster one. So the backend is a process-wide choice
+(:func:`set_cpu_linear_backend`, or the environment variable ``ANOMALYCLIP_CPU_LINEAR``):
 
 - ``"auto"`` (default): for each (dtype, in_features, out_features) met, a micro-benchmark of
   both kernels on that shape (512 rows, interleaved, best of 3; a few milliseconds to a few
-  hundred, once per process) picks the faster;
+  hundred, once per process and thread count) picks the faster; :func:`clear_auto_choices`
+  forgets the measurements;
 - ``"onednn"``: always oneDNN with packed weights (where this PyTorch build has it);
 - ``"mkl"``: always ``F.linear`` (MKL for float32; PyTorch's own choice for other dtypes).
 
 Packed weights are a cache beside the model (:class:`anomalyclip.weight_cache.WeightCache`), never
 part of it: not parameters or buffers (``state_dict`` and saved files are unchanged), rebuilt when
-the weight changes (``model.to(...)``, ``load_state_dict``, in-place updates) and dropped with it. They cost one extra copy of the packed
-weights in memory. The packed path is for inference only: :func:`use_packed` refuses it whenever
-autograd records (training, fine-tuning), and while tracing or compiling.
+the weight changes (``model.to(...)``, ``load_state_dict``, in-place updates) and dropped with it.
+They cost one extra copy of the packed weights in memory. The packed path is for inference only:
+:func:`use_packed` refuses it whenever autograd records (training, fine-tuning; forward mode too),
+under autocast, and while tracing, compiling or exporting.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "packed_linear",
     "clear_packed_weights",
     "auto_choices",
+    "clear_auto_choices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,11 +76,16 @@ def get_cpu_linear_backend() -> str:
 
 
 def auto_choices() -> dict[str, str]:
-    """What ``"auto"`` measured so far: ``"in x out (dtype)"`` -> ``"onednn"`` or ``"mkl"``."""
+    """What ``"auto"`` measured so far: ``"in x out (dtype, N threads)"`` -> ``"onednn"`` or ``"mkl"``."""
     return {
-        f"{k} x {n} ({str(dtype).removeprefix('torch.')})": "onednn" if packed else "mkl"
-        for (dtype, k, n), packed in _SETTINGS.choices.items()
+        f"{k} x {n} ({str(dtype).removeprefix('torch.')}, {threads} threads)": "onednn" if packed else "mkl"
+        for ((dtype, k, n), threads), packed in _SETTINGS.choices.items()
     }
+
+
+def clear_auto_choices() -> None:
+    """Forget what ``"auto"`` measured: the next forward measures each shape again."""
+    _SETTINGS.clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,12 +161,11 @@ def use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if backend == "onednn":
         return True
-    key = (weight.dtype, weight.shape[1], weight.shape[0])
-    choice = _SETTINGS.choices.get(key)
-    if choice is None:
+    def measure() -> bool:
         with torch.no_grad():
-            choice = _SETTINGS.choices[key] = _measure(weight, None)
-    return choice
+            return _measure(weight, None)
+
+    return _SETTINGS.choose((weight.dtype, weight.shape[1], weight.shape[0]), measure)
 
 
 def packed_linear(

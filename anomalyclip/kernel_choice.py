@@ -2,14 +2,18 @@
 
 Shared by :mod:`anomalyclip.cpu_linear` and :mod:`anomalyclip.cpu_attention`: the backend is read
 once from an environment variable (``"auto"`` when unset or unknown), may be set in code, and
-``"auto"``'s per-shape measurements survive switching (switching back measures nothing again).
+``"auto"``'s measurements (per shape and thread count) survive switching (switching back measures
+nothing again); :meth:`KernelChoice.clear` forgets them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Hashable
+import threading
+from typing import Callable, Hashable
+
+import torch
 
 from .errors import InvalidInputError
 
@@ -28,7 +32,8 @@ class KernelChoice:
     def __init__(self, what: str, env_var: str, backends: tuple[str, ...]) -> None:
         self.what, self.env_var, self.backends = what, env_var, backends
         self.backend: str | None = None  # None: not yet read from the environment
-        self.choices: dict[Hashable, bool] = {}  # shape key -> the non-default kernel is faster
+        self.choices: dict[Hashable, bool] = {}  # (shape key, threads) -> the non-default kernel is faster
+        self._lock = threading.Lock()
 
     def get(self) -> str:
         """The current backend (first read from the environment variable, default ``"auto"``)."""
@@ -47,3 +52,22 @@ class KernelChoice:
         previous = self.get()
         self.backend = backend
         return previous
+
+    def choose(self, key: Hashable, measure: Callable[[], bool]) -> bool:
+        """``"auto"``'s choice for ``key`` at the current thread count: measured once, then kept.
+
+        One measurement at a time: concurrent first calls would time each other's load.
+        """
+        key = (key, torch.get_num_threads())
+        choice = self.choices.get(key)
+        if choice is None:
+            with self._lock:
+                choice = self.choices.get(key)
+                if choice is None:
+                    choice = self.choices[key] = bool(measure())
+        return choice
+
+    def clear(self) -> None:
+        """Forget what ``"auto"`` measured (the next calls measure again)."""
+        with self._lock:
+            self.choices.clear()

@@ -13,6 +13,7 @@ import weakref
 from typing import Callable, Generic, TypeVar
 
 import torch
+from torch.autograd.forward_ad import unpack_dual
 
 __all__ = ["WeightCache", "inference_only"]
 
@@ -61,13 +62,26 @@ class WeightCache(Generic[T]):
         return sum(len(entry[2]) for entry in self._entries.values())
 
 
-def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight^T`` may use a derived weight: no autograd recording, tracing or compiling.
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
 
-    Derived kernels (oneDNN's packed op, float8 ``_scaled_mm``) have no backward, and a trace or an
-    ONNX export must record the plain operator.
+
+def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight^T`` may use a derived kernel: no autograd recording (reverse or forward
+    mode), autocast, tracing or compiling.
+
+    Derived kernels (oneDNN's packed op, float8 ``_scaled_mm``) have no derivatives and keep their
+    inputs' dtype (autocast would change it), and a trace or an ONNX export must record the plain
+    operator.
     """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if unpack_dual(x).tangent is not None or unpack_dual(weight).tangent is not None:
+        return False  # forward-mode AD (torch.func.jvp, forward_ad.dual_level)
+    if _autocast_enabled(x.device.type):
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False

@@ -107,6 +107,29 @@ def test_not_used_under_autograd_and_gradients_are_right(backend, spy):
     assert len(spy) == 2  # nothing recorded: the packed path
 
 
+def test_not_used_under_forward_ad_or_autocast(backend, spy):
+    import torch.autograd.forward_ad as fwAD
+
+    backend("onednn")
+    gen = torch.Generator().manual_seed(5)
+    x, tangent = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    weight, bias = torch.randn(16, 8, generator=gen), torch.randn(16, generator=gen)
+    with torch.no_grad(), fwAD.dual_level():
+        out = ops.linear(fwAD.make_dual(x, tangent), weight, bias)
+        jvp = fwAD.unpack_dual(out).tangent
+    assert jvp is not None and (jvp.double() - tangent.double() @ weight.double().t()).abs().max().item() < 1e-5
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_onednn = ops.linear(x, weight, bias)
+        backend("mkl")
+        autocast_plain = ops.linear(x, weight, bias)
+        backend("onednn")
+    assert spy == [] and torch.equal(autocast_onednn, autocast_plain)  # autocast's bfloat16 product, not float32
+    assert (autocast_plain - x @ weight.t() - bias).abs().max().item() > 1e-4
+    with torch.inference_mode():
+        ops.linear(x, weight, bias)
+    assert len(spy) == 1
+
+
 def test_auto_measures_once_per_shape_and_mkl_never_packs(backend, spy, monkeypatch):
     measured = []
     monkeypatch.setattr(cpu_linear, "_measure", lambda weight, bias: measured.append(tuple(weight.shape)) or True)

@@ -340,6 +340,28 @@ def test_a_16_bit_image_scores_as_its_8_bit_twin(app):
     assert abs(a.json()["score"] - b.json()["score"]) <= 5e-3
 
 
+def test_load_engine_scores_a_blank_image_before_the_service_is_ready(model, tmp_path, monkeypatch):
+    """``anomalyclip serve`` and Ray Serve replicas load through ``load_engine``: the one-off costs
+    (text features, CPU kernel measurements, packed weights) are paid before /v1/health says 200."""
+    from anomalyclip.serve.loading import ModelSpec, load_engine
+
+    saved = tmp_path / "model"
+    model.save_pretrained(saved)
+    calls = []
+    real_run = Engine.run
+
+    def counted(self, images, thresholds):
+        calls.append((tuple(images[0].pixel_values.shape), images[0].size, list(thresholds)))
+        return real_run(self, images, thresholds)
+
+    monkeypatch.setattr(Engine, "run", counted)
+    engine = load_engine(ModelSpec(model=str(saved), options={"device": "cpu"}))
+    assert calls == [((3, S, S), (S, S), [(None, None)])]
+    load_engine(ModelSpec(model=str(saved), options={"device": "cpu"}), warm_up=False)
+    assert len(calls) == 1
+    assert engine.warm_up() > 0 and len(calls) == 2
+
+
 def test_files_are_read_as_the_cli_reads_them(app, model, tmp_path):
     # one reader (anomalyclip.decoding): an EXIF-rotated JPEG is scored upright and answered at its
     # upright size, a 16-bit colour PNG at full depth, each as model.predict scores the same file

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSpec", "load_engine"]
 
@@ -30,8 +33,13 @@ class ModelSpec:
     thresholds: dict[str, float | None] | None = None
 
 
-def load_engine(spec: ModelSpec) -> Engine:
-    """Load the model of ``spec`` (with its references and thresholds) behind an :class:`Engine`."""
+def load_engine(spec: ModelSpec, *, warm_up: bool = True) -> Engine:
+    """Load the model of ``spec`` (with its references and thresholds) behind an :class:`Engine`.
+
+    With ``warm_up`` (default), one blank image is scored before the engine is returned
+    (:meth:`Engine.warm_up`), so a service reports ready only once its first request runs at
+    full speed.
+    """
     from ..model import AnomalyCLIP
     from ..predict_io import collect_images
 
@@ -40,4 +48,7 @@ def load_engine(spec: ModelSpec) -> Engine:
         model.add_references(collect_images(list(spec.references)), coreset=spec.coreset)
     if spec.thresholds is not None:
         model.thresholds = spec.thresholds or None
-    return Engine(model)
+    engine = Engine(model)
+    if warm_up:
+        logger.info("Model warmed up in %.1f s", engine.warm_up())
+    return engine

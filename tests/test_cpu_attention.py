@@ -119,6 +119,7 @@ def test_shapes_it_does_not_take_stay_fused(backend, spy):
 
 
 @needs_onednn
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_not_used_under_autocast_forward_ad_or_tracing(backend, spy):
     backend("onednn")
     q, k, v = _qkv()

@@ -19,23 +19,20 @@ The explicit form applies to float32 CPU inputs ``q [B, H, N, d]``, ``k, v [B, H
 batch, heads and head size, no broadcasting, at least one key) without a causal mask and with at
 least :data:`MIN_QUERY_ROWS` query rows (a class-token query stays fused), for inference only: under
 autograd (reverse or forward mode), autocast, tracing, compiling and ONNX export the fused kernel
-runs. The two forms agree to float32
-rounding (a few 1e-7 on unit-scale inputs). The explicit form holds at most
-:data:`SCORE_BLOCK_ELEMENTS` scores at a time (16 MB: a whole head at 518 px, row blocks on
-larger images).
+runs. The two forms agree to float32 rounding (a few 1e-7 on unit-scale inputs). The explicit form
+holds at most :data:`SCORE_BLOCK_ELEMENTS` scores at a time (16 MB: a whole head at 518 px, row
+blocks on larger images).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .cpu_linear import onednn_linear_available
-from .kernel_choice import KernelChoice
+from .kernel_choice import KernelChoice, best_seconds
 from .weight_cache import inference_only
 
 __all__ = [
@@ -104,8 +101,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     Returns:
         ``[B, H, N, d]``, laid out as ``[B, N, H, d]`` in memory (as the fused kernel returns it for
-        views of one qkv projection), so that merging the heads is a view. Scores are held for at most :data:`SCORE_BLOCK_ELEMENTS`
-        (query row, key) pairs at a time.
+        views of one qkv projection), so that merging the heads is a view. Scores are held for at
+        most :data:`SCORE_BLOCK_ELEMENTS` (query row, key) pairs at a time.
     """
     b, h, n, d = q.shape
     linear = torch.ops.mkldnn._linear_pointwise
@@ -138,12 +135,6 @@ def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Time both forms on the first sample of the batch (interleaved, best of 3 after a warm-up)."""
     q1, k1, v1 = q[:1], k[:1], v[:1]
@@ -154,11 +145,7 @@ def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
     def explicit() -> torch.Tensor:
         return explicit_attention(q1, k1, v1)
 
-    fused(), explicit()  # warm-up
-    fused_s, explicit_s = float("inf"), float("inf")
-    for _ in range(_PROBE_REPEATS):
-        fused_s = min(fused_s, _seconds(fused))
-        explicit_s = min(explicit_s, _seconds(explicit))
+    fused_s, explicit_s = best_seconds(fused, explicit, _PROBE_REPEATS)
     logger.debug(
         "CPU attention %s: fused SDPA %.2f ms, oneDNN per head %.2f ms", tuple(q1.shape), fused_s * 1e3, explicit_s * 1e3
     )

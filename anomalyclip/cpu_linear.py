@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .kernel_choice import KernelChoice
+from .kernel_choice import KernelChoice, best_seconds
 from .weight_cache import WeightCache, inference_only
 
 __all__ = [
@@ -121,12 +119,6 @@ def _onednn(
     return torch.ops.mkldnn._linear_pointwise(x2, _PACKS.get(weight, scale), bias, activation, [], "")
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _measure(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether oneDNN (packed) beats ``F.linear`` on ``weight``'s shape (512 random rows)."""
     x = torch.randn(_PROBE_ROWS, weight.shape[1], dtype=weight.dtype)
@@ -138,11 +130,7 @@ def _measure(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     def plain_call() -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    onednn_call(), plain_call()  # warm-up
-    onednn = plain = float("inf")
-    for _ in range(_PROBE_REPEATS):
-        onednn = min(onednn, _seconds(onednn_call))
-        plain = min(plain, _seconds(plain_call))
+    onednn, plain = best_seconds(onednn_call, plain_call, _PROBE_REPEATS)
     logger.debug(
         "CPU linear %s x %s (%s): oneDNN packed %.2f ms, F.linear %.2f ms",
         tuple(weight.shape), _PROBE_ROWS, weight.dtype, onednn * 1e3, plain * 1e3,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Callable, Hashable
 
 import torch
@@ -18,6 +19,23 @@ import torch
 from .errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_seconds(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """The best wall time in seconds of each of two calls: one untimed warm-up each, then
+    ``repeats`` timed calls alternating between them (so load falls on both alike)."""
+    first(), second()
+    best_first = best_second = float("inf")
+    for _ in range(repeats):
+        best_first = min(best_first, _seconds(first))
+        best_second = min(best_second, _seconds(second))
+    return best_first, best_second
 
 
 class KernelChoice:

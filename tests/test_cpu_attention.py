@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalyclip import cpu_attention, cpu_linear, ops
+from anomalyclip import cpu_attention, cpu_linear, kernel_choice, ops
 from anomalyclip.errors import InvalidInputError
 
 from .conftest import IMAGE_A
@@ -200,7 +200,7 @@ def test_the_probe_times_both_forms_on_one_sample(monkeypatch):
     monkeypatch.setattr(cpu_attention, "explicit_attention", lambda q, k, v: seen.append(q.shape[0]) or real(q, k, v))
     for fused_s, explicit_s, expected in ((1.0, 0.9, True), (1.0, 0.97, False), (1.0, 1.5, False)):
         times = iter([fused_s, explicit_s] * cpu_attention._PROBE_REPEATS)
-        monkeypatch.setattr(cpu_attention, "_seconds", lambda fn: fn() is None or next(times))
+        monkeypatch.setattr(kernel_choice, "_seconds", lambda fn: fn() is None or next(times))
         with torch.inference_mode():
             assert cpu_attention._explicit_is_faster(q, k, v) is expected
     assert seen and set(seen) == {1}  # on the first sample only
